@@ -1,0 +1,104 @@
+"""Command line: python -m flux edit --image IN --prompt "..." --out OUT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from flux import sizes, weights
+from flux.errors import EditError, InputError
+
+TINY_DIR = weights.PROJECT_ROOT / ".cache" / "tiny-weights"
+
+
+def default_weights_dir() -> tuple[Path, bool]:
+    """(directory, is_real): ./weights when complete, else the embedded tiny model (generated on first use)."""
+    if not weights.problems(weights.DEFAULT_WEIGHTS_DIR):
+        return weights.DEFAULT_WEIGHTS_DIR, True
+    if weights.problems(TINY_DIR):
+        from flux.tiny import make_tiny_weights
+
+        make_tiny_weights(TINY_DIR)
+    return TINY_DIR, False
+
+
+def _parser() -> argparse.ArgumentParser:
+    import taylor_utils
+
+    parser = argparse.ArgumentParser(prog="python -m flux", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("edit", help="edit an image with a text instruction")
+    e.add_argument("--weights", type=Path, help="weights directory (default: ./weights, else the tiny model)")
+    e.add_argument("--image", required=True, type=Path, help="input image (jpeg, png, gif or webp)")
+    e.add_argument("--prompt", required=True, help="the edit instruction")
+    e.add_argument("--out", required=True, type=Path, help="output file; its extension picks the format")
+    e.add_argument("--aspect-ratio", default=sizes.MATCH_INPUT, choices=sizes.ASPECT_RATIO_CHOICES)
+    e.add_argument("--steps", type=int, default=28, help="denoising steps, 4 to 50")
+    e.add_argument("--guidance", type=float, default=2.5)
+    e.add_argument("--seed", type=int, default=None, help="random when omitted; 0 is a seed")
+    e.add_argument("--acceleration", default="go fast", choices=taylor_utils.ACCELERATION_LEVELS)
+    e.add_argument("--quality", type=int, default=95, help="webp/jpg quality, 0 to 100")
+    e.add_argument("--no-safety-checker", action="store_true")
+    return parser
+
+
+def _format_for(path: Path) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    return {"jpeg": "jpg"}.get(suffix, suffix) if suffix in ("png", "jpg", "jpeg", "webp") else "png"
+
+
+def edit_command(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from flux.images import save_image
+    from flux.pipeline import load_model, run_edit
+
+    if args.weights is None:
+        weights_dir, real = default_weights_dir()
+        if not real:
+            banner = "!" * 78
+            print(
+                f"{banner}\n! No real weights in ./weights: running the TINY RANDOM model ({weights_dir}).\n"
+                "! The output is noise-like; fetch the real weights with: python scripts/download_weights.py\n"
+                f"{banner}",
+                file=sys.stderr,
+            )
+    else:
+        weights_dir = args.weights
+    start = time.perf_counter()
+    model = load_model(weights_dir, with_safety=not args.no_safety_checker)
+    print(f"load: {time.perf_counter() - start:.2f}s ({weights_dir})", file=sys.stderr)
+    bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr)
+
+    def on_step(i: int, total: int, computed: bool) -> None:
+        bar.set_postfix_str("computed" if computed else "forecast")
+        bar.update(1)
+
+    try:
+        result = run_edit(
+            model, args.image, args.prompt, aspect_ratio=args.aspect_ratio, num_steps=args.steps,
+            guidance=args.guidance, seed=args.seed, acceleration=args.acceleration,
+            check_safety=not args.no_safety_checker, on_step=on_step,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    report = result.report
+    for phase, seconds in report.seconds.items():
+        print(f"{phase}: {seconds:.2f}s", file=sys.stderr)
+    print(report.summary(), file=sys.stderr)
+    save_image(result.image, args.out, _format_for(args.out), args.quality)
+    print(f"wrote {args.out} ({result.image.width}x{result.image.height})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        return edit_command(args)
+    except (InputError, EditError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

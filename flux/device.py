@@ -1,0 +1,26 @@
+"""The one place that decides the device and the dtype."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def pick_device() -> torch.device:
+    """CUDA when present (unless FLUX_DEVICE says otherwise), else the CPU."""
+    wanted = os.environ.get("FLUX_DEVICE")
+    if wanted:
+        return torch.device(wanted)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 elsewhere (the CPU has no fast bf16 matmul and parity tests need fp32)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings mean something; a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

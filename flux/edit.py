@@ -1,0 +1,288 @@
+"""The Kontext edit: prompt + input image -> edited image, with the project's own denoise loop.
+
+Shapes (B = 1):
+    latents        (B, N, 64)   packed 2x2 patches of the 16-channel VAE latent, N = (H/16)*(W/16)
+    image_latents  (B, M, 64)   the conditioning image, packed the same way
+    ids            (N + M, 3)   rope positions; first coordinate 0 for target tokens, 1 for the image
+    prompt_embeds  (B, 512, D)  T5;  pooled (B, P) CLIP
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+import taylor_utils
+from flux import images, schedule, sizes
+from flux.device import synchronize
+from flux.errors import EditError, InputError
+from flux.loading import Components
+
+log = logging.getLogger(__name__)
+
+T5_MAX_TOKENS = 512
+DEFAULT_STEPS = 28
+DEFAULT_GUIDANCE = 2.5
+DEFAULT_ACCELERATION = "go fast"
+# Two derivative terms: the smallest order that follows the curvature of the trajectory, which
+# is what TaylorSeer adds over linear extrapolation (see README, "Acceleration").
+DEFAULT_N_DERIVATIVES = 2
+TAYLOR_UNITS = ("steps", "timesteps")
+
+
+@dataclass
+class EditSettings:
+    prompt: str
+    width: int
+    height: int
+    seed: int
+    num_steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    acceleration: str = DEFAULT_ACCELERATION
+    n_derivatives: int = DEFAULT_N_DERIVATIVES
+    taylor_units: str = "steps"
+    # (width, height) of the conditioning image; None picks the preferred Kontext resolution
+    condition_size: tuple[int, int] | None = None
+
+
+@dataclass
+class EditReport:
+    """What an edit did: calls, forecasts and time per phase (seconds)."""
+
+    seed: int
+    acceleration: str
+    num_steps: int
+    transformer_calls: int = 0
+    forecast_steps: list[int] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    transformer_seconds: float = 0.0
+    forecast_seconds: float = 0.0
+    cache_bytes: int = 0
+
+    def summary(self) -> str:
+        phases = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
+        return (
+            f"seed {self.seed}, acceleration {self.acceleration!r}: {self.transformer_calls} transformer calls, "
+            f"{len(self.forecast_steps)} forecast steps of {self.num_steps}; {phases}"
+        )
+
+
+@dataclass
+class EditResult:
+    image: Image.Image
+    latents: torch.Tensor
+    report: EditReport
+
+
+StepCallback = Callable[[int, int, bool], None]
+
+
+class _Timer:
+    def __init__(self, device: torch.device, into: dict[str, float], name: str):
+        self.device, self.into, self.name = device, into, name
+
+    def __enter__(self) -> None:
+        synchronize(self.device)
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        self.into[self.name] = self.into.get(self.name, 0.0) + time.perf_counter() - self.start
+
+
+def encode_prompt(c: Components, prompt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(T5 embeddings (1, 512, D), CLIP pooled (1, P), text ids (512, 3))."""
+    clip = c.tokenizer(
+        [prompt], padding="max_length", max_length=c.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    pooled = c.text_encoder(clip.input_ids.to(c.device), output_hidden_states=False).pooler_output
+    t5 = c.tokenizer_2([prompt], padding="max_length", max_length=T5_MAX_TOKENS, truncation=True, return_tensors="pt")
+    full_length = len(c.tokenizer_2(prompt).input_ids)
+    if full_length > T5_MAX_TOKENS:
+        log.warning("prompt is %d tokens long; only the first %d are used", full_length, T5_MAX_TOKENS)
+    embeds = c.text_encoder_2(t5.input_ids.to(c.device), output_hidden_states=False)[0]
+    text_ids = torch.zeros(embeds.shape[1], 3, device=c.device, dtype=c.dtype)
+    return embeds.to(c.dtype), pooled.to(c.dtype), text_ids
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches as tokens."""
+    b, ch, h, w = latents.shape
+    latents = latents.view(b, ch, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(b, (h // 2) * (w // 2), ch * 4)
+
+
+def unpack(latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, N, 4C) -> (B, C, H/8, W/8) for an image of ``height`` x ``width`` pixels."""
+    b, _, channels = latents.shape
+    h, w = height // sizes.MULTIPLE, width // sizes.MULTIPLE
+    latents = latents.view(b, h, w, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(b, channels // 4, h * 2, w * 2)
+
+
+def position_ids(height: int, width: int, first: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(h*w, 3) rope positions (first, row, column) of an h x w token grid."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 0] = first
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
+
+
+def encode_image(c: Components, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conditioning image (already at its size) -> packed latents (1, M, 64) and ids (M, 3) with first coordinate 1."""
+    pixels = images.to_tensor(image).to(device=c.device, dtype=c.dtype)
+    latent = c.vae.encode(pixels).latent_dist.mode()
+    latent = (latent - c.vae.config.shift_factor) * c.vae.config.scaling_factor
+    _, _, h, w = latent.shape
+    return pack(latent), position_ids(h // 2, w // 2, 1.0, c.device, c.dtype)
+
+
+def initial_noise(c: Components, seed: int, width: int, height: int) -> torch.Tensor:
+    """Packed noise from a seeded CPU generator: the same seed gives the same noise on every device."""
+    channels = c.transformer.config.in_channels // 4
+    shape = (1, channels, height // 8, width // 8)
+    noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+    return pack(noise).to(device=c.device, dtype=c.dtype)
+
+
+def decode(c: Components, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Packed latents -> decoded image tensor (1, 3, H, W) in about [-1, 1]."""
+    latent = unpack(latents, height, width)
+    latent = latent / c.vae.config.scaling_factor + c.vae.config.shift_factor
+    return c.vae.decode(latent, return_dict=False)[0]
+
+
+def denoise(
+    c: Components,
+    latents: torch.Tensor,
+    image_latents: torch.Tensor,
+    ids: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    text_ids: torch.Tensor,
+    sigmas: torch.Tensor,
+    guidance: float,
+    step_map: list[bool],
+    cache: taylor_utils.TaylorCache,
+    report: EditReport,
+    taylor_units: str = "steps",
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """The flow-matching Euler loop; computed steps run the transformer, skipped steps are forecast.
+
+    Only the target tokens of each prediction are used and cached.
+    """
+    num_tokens = latents.shape[1]
+    timesteps = sigmas[:-1] * 1000.0
+    guidance_vec = None
+    if c.transformer.config.guidance_embeds:
+        guidance_vec = torch.full([1], guidance, device=c.device, dtype=torch.float32).expand(latents.shape[0])
+    sigmas_list = sigmas.tolist()
+    timers: dict[str, float] = {}
+    for i, compute in enumerate(step_map):
+        # the cache's coordinate: the step index, or the timestep (uneven under the shifted schedule)
+        position = float(i) if taylor_units == "steps" else 1000.0 * (1.0 - sigmas_list[i])
+        if compute:
+            with _Timer(c.device, timers, "transformer"):
+                t = timesteps[i].to(c.device).expand(latents.shape[0]).to(latents.dtype)
+                output = c.transformer(
+                    hidden_states=torch.cat([latents, image_latents], dim=1),
+                    timestep=t / 1000,
+                    guidance=guidance_vec,
+                    pooled_projections=pooled,
+                    encoder_hidden_states=prompt_embeds,
+                    txt_ids=text_ids,
+                    img_ids=ids,
+                    return_dict=False,
+                )[0]
+                prediction = output[:, :num_tokens]
+                report.transformer_calls += 1
+                if not all(step_map[i + 1 :]):
+                    cache.update(prediction, position)
+                    report.cache_bytes = max(report.cache_bytes, cache.nbytes())
+        else:
+            with _Timer(c.device, timers, "forecast"):
+                prediction = cache.forecast(position)
+            report.forecast_steps.append(i)
+        dt = sigmas_list[i + 1] - sigmas_list[i]
+        latents = (latents.float() + dt * prediction.float()).to(latents.dtype)
+        if on_step is not None:
+            on_step(i, len(step_map), compute)
+    report.transformer_seconds = timers.get("transformer", 0.0)
+    report.forecast_seconds = timers.get("forecast", 0.0)
+    return latents
+
+
+def check_settings(settings: EditSettings) -> None:
+    if not settings.prompt or not settings.prompt.strip():
+        raise InputError("prompt is empty; say what to change in the image")
+    if not taylor_utils.MIN_STEPS <= settings.num_steps <= taylor_utils.MAX_STEPS:
+        raise InputError(
+            f"num_inference_steps must be between {taylor_utils.MIN_STEPS} and {taylor_utils.MAX_STEPS}; "
+            f"got {settings.num_steps}"
+        )
+    if settings.acceleration not in taylor_utils.ACCELERATION_LEVELS:
+        raise InputError(
+            f"acceleration must be one of {', '.join(taylor_utils.ACCELERATION_LEVELS)}; got {settings.acceleration!r}"
+        )
+    if settings.taylor_units not in TAYLOR_UNITS:
+        raise InputError(f"taylor_units must be one of {', '.join(TAYLOR_UNITS)}; got {settings.taylor_units!r}")
+    if settings.width % sizes.MULTIPLE or settings.height % sizes.MULTIPLE:
+        raise InputError(
+            f"width and height must be multiples of {sizes.MULTIPLE}; got {settings.width}x{settings.height}"
+        )
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise EditError(f"the {what} contain NaN or infinite values; no image was produced. Try another seed.")
+
+
+@torch.inference_mode()
+def edit(c: Components, image: Image.Image, settings: EditSettings, on_step: StepCallback | None = None) -> EditResult:
+    """Run one edit. ``image`` is an RGB image (see ``images.load_image``)."""
+    check_settings(settings)
+    report = EditReport(seed=settings.seed, acceleration=settings.acceleration, num_steps=settings.num_steps)
+    seconds = report.seconds
+    cache = taylor_utils.TaylorCache(n_derivatives=settings.n_derivatives)
+    try:
+        with _Timer(c.device, seconds, "encode"):
+            prompt_embeds, pooled, text_ids = encode_prompt(c, settings.prompt)
+            cond_w, cond_h = settings.condition_size or sizes.conditioning_size(*image.size)
+            image_latents, image_ids = encode_image(c, images.resize(image, cond_w, cond_h))
+            latents = initial_noise(c, settings.seed, settings.width, settings.height)
+            target_ids = position_ids(
+                settings.height // sizes.MULTIPLE, settings.width // sizes.MULTIPLE, 0.0, c.device, c.dtype
+            )
+            ids = torch.cat([target_ids, image_ids], dim=0)
+            sigmas = schedule.sigmas_for(c.scheduler, settings.num_steps, latents.shape[1])
+        step_map = taylor_utils.compute_step_map(settings.acceleration, settings.num_steps)
+        with _Timer(c.device, seconds, "denoise"):
+            latents = denoise(
+                c, latents, image_latents, ids, prompt_embeds, pooled, text_ids, sigmas, settings.guidance,
+                step_map, cache, report, settings.taylor_units, on_step,
+            )  # fmt: skip
+        _check_finite(latents, "final latents")
+        with _Timer(c.device, seconds, "decode"):
+            decoded = decode(c, latents, settings.width, settings.height)
+        _check_finite(decoded, "decoded image")
+    except torch.OutOfMemoryError:
+        cache.reset()
+        _release_memory(c.device)
+        raise EditError(
+            "out of GPU memory during the edit; the memory was released. Try a smaller image or fewer steps."
+        ) from None
+    finally:
+        cache.reset()
+    return EditResult(image=images.to_pil(decoded), latents=latents, report=report)
+
+
+def _release_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,129 @@
+"""The one place that parses input images and writes output images."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from flux.errors import InputError
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
+# Pixel count above which an input is refused before its pixels are decoded
+# (a 30000x30000 PNG of a few KB would otherwise take gigabytes).
+MAX_INPUT_PIXELS = 64_000_000
+MIN_INPUT_SIDE = 1
+# Transparent pixels are composited on this background.
+BACKGROUND = (255, 255, 255)
+OUTPUT_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+
+
+def load_image(source: str | os.PathLike | bytes) -> Image.Image:
+    """Open an input image: checked, EXIF-rotated, flattened to 8-bit RGB.
+
+    Raises InputError naming the problem for anything that is not a usable jpeg, png,
+    gif or webp image.
+    """
+    if isinstance(source, bytes):
+        data = source
+    else:
+        data = Path(source).read_bytes()
+    if not data:
+        raise InputError("input_image is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        if isinstance(exc, Image.DecompressionBombError):
+            raise InputError(f"input_image is too large: {exc}") from None
+        raise InputError(
+            f"input_image is not a readable image ({len(data)} bytes); send a jpeg, png, gif or webp file"
+        ) from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise InputError(f"input_image format {image.format} is not supported; send a jpeg, png, gif or webp file")
+    width, height = image.size
+    if width * height > MAX_INPUT_PIXELS:
+        raise InputError(
+            f"input_image is {width}x{height} pixels, more than the {MAX_INPUT_PIXELS // 1_000_000} megapixels "
+            "accepted; send a smaller image"
+        )
+    if getattr(image, "n_frames", 1) > 1:
+        log.warning("input_image is animated (%d frames): using the first frame", image.n_frames)
+        image.seek(0)
+    try:
+        if image.format == "JPEG":
+            # decode large JPEGs at a reduced scale: memory stays bounded, quality is unaffected
+            # since the image is downscaled to about 1 MP anyway
+            image.draft("RGB", (2048, 2048))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"input_image could not be decoded ({exc}); the file may be truncated or corrupt") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB; transparency composited on a white background, 16-bit scaled down."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def resize(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize with Lanczos, as diffusers' image processor does."""
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> (1, 3, H, W) float32 in [-1, 1]."""
+    array = np.asarray(image, dtype=np.uint8).astype(np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0) * 2.0 - 1.0
+
+
+def to_pil(decoded: torch.Tensor) -> Image.Image:
+    """(1, 3, H, W) in [-1, 1] -> RGB image."""
+    array = (decoded[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
+    return Image.fromarray((array * 255).round().astype(np.uint8))
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, output_format: str, quality: int = 80) -> Path:
+    """Write atomically: a reader sees the whole file or none (never a half-written one)."""
+    if output_format not in OUTPUT_FORMATS:
+        raise InputError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}")
+    if not 0 <= quality <= 100:
+        raise InputError(f"output_quality must be between 0 and 100; got {quality}")
+    path = Path(path)
+    options: dict = {}
+    if output_format in ("webp", "jpg"):
+        options["quality"] = quality
+    buffer = io.BytesIO()
+    image.save(buffer, format=OUTPUT_FORMATS[output_format], **options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

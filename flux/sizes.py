@@ -1,0 +1,81 @@
+"""The one place that decides image sizes: the output size and the conditioning size."""
+
+from __future__ import annotations
+
+import math
+
+# Multiple of every side: 8x VAE downsampling times the 2x2 latent packing.
+MULTIPLE = 16
+TARGET_AREA = 1024 * 1024
+
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1, 1),
+    "16:9": (16, 9),
+    "21:9": (21, 9),
+    "3:2": (3, 2),
+    "2:3": (2, 3),
+    "4:5": (4, 5),
+    "5:4": (5, 4),
+    "3:4": (3, 4),
+    "4:3": (4, 3),
+    "9:16": (9, 16),
+    "9:21": (9, 21),
+}
+MATCH_INPUT = "match_input_image"
+ASPECT_RATIO_CHOICES = (MATCH_INPUT, *ASPECT_RATIOS)
+
+# The widest and tallest outputs: the extremes of the explicit choices.
+MAX_RATIO = 21 / 9
+MIN_RATIO = 9 / 21
+
+# (width, height) pairs Kontext was trained on, as Black Forest Labs and diffusers list them.
+PREFERRED_KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (672, 1568),
+    (688, 1504),
+    (720, 1456),
+    (752, 1392),
+    (800, 1328),
+    (832, 1248),
+    (880, 1184),
+    (944, 1104),
+    (1024, 1024),
+    (1104, 944),
+    (1184, 880),
+    (1248, 832),
+    (1328, 800),
+    (1392, 752),
+    (1456, 720),
+    (1504, 688),
+    (1568, 672),
+)
+
+
+def size_for_ratio(ratio: float, area: int = TARGET_AREA) -> tuple[int, int]:
+    """(width, height) of about ``area`` pixels with width/height close to ``ratio``, multiples of 16."""
+    ratio = min(max(ratio, MIN_RATIO), MAX_RATIO)
+    width = round(math.sqrt(area * ratio) / MULTIPLE) * MULTIPLE
+    height = round(math.sqrt(area / ratio) / MULTIPLE) * MULTIPLE
+    return max(width, MULTIPLE), max(height, MULTIPLE)
+
+
+def output_size(aspect_ratio: str, input_width: int, input_height: int) -> tuple[int, int]:
+    """Output (width, height): about 1 MP, multiples of 16.
+
+    ``match_input_image`` keeps the input's aspect ratio, clamped to the range of the
+    explicit choices (9:21 to 21:9) so that extreme inputs still give a usable image.
+    """
+    if aspect_ratio == MATCH_INPUT:
+        if input_width < 1 or input_height < 1:
+            raise ValueError(f"input image has no pixels ({input_width}x{input_height})")
+        return size_for_ratio(input_width / input_height)
+    if aspect_ratio not in ASPECT_RATIOS:
+        raise ValueError(f"aspect_ratio must be one of {', '.join(ASPECT_RATIO_CHOICES)}; got {aspect_ratio!r}")
+    w, h = ASPECT_RATIOS[aspect_ratio]
+    return size_for_ratio(w / h)
+
+
+def conditioning_size(input_width: int, input_height: int) -> tuple[int, int]:
+    """The preferred Kontext resolution closest in aspect ratio to the input (as diffusers picks it)."""
+    ratio = input_width / input_height
+    _, width, height = min((abs(ratio - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    return width, height
