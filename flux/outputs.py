@@ -1,0 +1,28 @@
+"""Output files of a long-running server: one unique file per prediction, old ones cleaned up."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+# Cog returns a file after predict() ends, so the newest few must outlive their prediction.
+KEEP_OUTPUTS = 8
+
+
+def output_dir() -> Path:
+    directory = Path(os.environ.get("FLUX_OUTPUT_DIR") or Path(tempfile.gettempdir()) / "flux-outputs")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def new_output_path(extension: str, directory: Path | None = None, keep: int = KEEP_OUTPUTS) -> Path:
+    """A fresh unique path; removes all but the newest ``keep - 1`` earlier outputs first."""
+    directory = directory or output_dir()
+    earlier = sorted(
+        (p for p in directory.glob("edit-*") if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for old in earlier[keep - 1 :]:
+        old.unlink(missing_ok=True)
+    return directory / f"edit-{uuid.uuid4().hex}.{extension}"
