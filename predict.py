@@ -11,7 +11,6 @@ import logging
 import os
 import pathlib
 import time
-from typing import Optional
 
 import torch
 from cog import BaseRunner, Input, Path
@@ -52,7 +51,7 @@ class Predictor(BaseRunner):
             description="Number of denoising steps", ge=taylor_utils.MIN_STEPS, le=taylor_utils.MAX_STEPS, default=28
         ),
         guidance: float = Input(description="How closely to follow the prompt", ge=0.0, le=10.0, default=2.5),
-        seed: Optional[int] = Input(description="Random seed; leave blank for a random one (0 is a seed)", default=None),
+        seed: int | None = Input(description="Random seed; leave blank for a random one (0 is a seed)", default=None),
         acceleration: str = Input(
             description="Speed-up by TaylorSeer forecasting of skipped transformer steps",
             choices=list(taylor_utils.ACCELERATION_LEVELS),

@@ -122,7 +122,11 @@ def openapi_schema(module: str = "predict", predictor: str = "Predictor") -> dic
             "title": "HTTPValidationError",
             "type": "object",
             "properties": {
-                "detail": {"title": "Detail", "type": "array", "items": {"$ref": "#/components/schemas/ValidationError"}}
+                "detail": {
+                    "title": "Detail",
+                    "type": "array",
+                    "items": {"$ref": "#/components/schemas/ValidationError"},
+                }
             },
         },
         "ValidationError": {
@@ -130,7 +134,11 @@ def openapi_schema(module: str = "predict", predictor: str = "Predictor") -> dic
             "required": ["loc", "msg", "type"],
             "type": "object",
             "properties": {
-                "loc": {"title": "Location", "type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                "loc": {
+                    "title": "Location",
+                    "type": "array",
+                    "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                },
                 "msg": str_title("Message"),
                 "type": str_title("Error Type"),
             },
@@ -154,7 +162,9 @@ def openapi_schema(module: str = "predict", predictor: str = "Predictor") -> dic
                 "responses": {
                     "200": {
                         "description": "Successful Response",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}},
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}
+                        },
                     },
                     "422": invalid,
                 },

@@ -32,10 +32,7 @@ def load_image(source: str | os.PathLike | bytes) -> Image.Image:
     Raises InputError naming the problem for anything that is not a usable jpeg, png,
     gif or webp image.
     """
-    if isinstance(source, bytes):
-        data = source
-    else:
-        data = Path(source).read_bytes()
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if not data:
         raise InputError("input_image is empty (0 bytes)")
     try:
@@ -61,7 +58,7 @@ def load_image(source: str | os.PathLike | bytes) -> Image.Image:
         if image.format == "JPEG":
             # decode large JPEGs at a reduced scale: memory stays bounded, quality is unaffected
             # since the image is downscaled to about 1 MP anyway
-            image.draft("RGB", (2048, 2048))
+            image.draft("RGB", (1024, 1024))
         image.load()
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)

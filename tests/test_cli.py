@@ -1,0 +1,43 @@
+"""The command line, end to end on the tiny model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from PIL import Image
+
+from flux import sizes
+from tests.conftest import image_bytes, random_image
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "flux", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_edit_writes_an_image_and_reports_phases(tiny_weights, tmp_path):
+    source = tmp_path / "in.png"
+    source.write_bytes(image_bytes(random_image(200, 100)))
+    out = tmp_path / "out.png"
+    result = run_cli(
+        "edit", "--weights", str(tiny_weights), "--image", str(source), "--prompt", "make it red",
+        "--out", str(out), "--steps", "6", "--seed", "3", "--acceleration", "go really fast",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for phase in ("load:", "encode:", "denoise:", "decode:"):
+        assert phase in result.stderr
+    assert "denoise: 100%" in result.stderr or "6/6" in result.stderr
+    with Image.open(out) as image:
+        assert image.size == sizes.output_size("match_input_image", 200, 100)
+
+
+def test_bad_image_gives_a_clear_error(tiny_weights, tmp_path):
+    source = tmp_path / "in.png"
+    source.write_bytes(b"not an image")
+    result = run_cli(
+        "edit", "--weights", str(tiny_weights), "--image", str(source), "--prompt", "x", "--out", str(tmp_path / "o.png")
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "error: input_image is not a readable image" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o.png").exists()

@@ -1,0 +1,117 @@
+"""predict.py called directly: the Cog adapter without the server."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from cog import Path as CogPath
+from PIL import Image
+
+from flux.errors import EditError, InputError
+from predict import Predictor
+from tests.conftest import image_bytes, random_image
+
+DEFAULTS = dict(
+    aspect_ratio="match_input_image", num_inference_steps=4, guidance=2.5, seed=1, acceleration="go fast",
+    output_format="png", output_quality=80, disable_safety_checker=False,
+)  # fmt: skip
+
+
+def make_predictor(weights_dir, monkeypatch) -> Predictor:
+    monkeypatch.setenv("WEIGHTS_DIR", str(weights_dir))
+    predictor = Predictor()
+    predictor.setup()
+    return predictor
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_weights):
+    mp = pytest.MonkeyPatch()
+    p = make_predictor(tiny_weights, mp)
+    yield p
+    mp.undo()
+
+
+@pytest.fixture
+def input_file(tmp_path):
+    path = tmp_path / "in.png"
+    path.write_bytes(image_bytes(random_image(320, 240)))
+    return CogPath(path)
+
+
+def test_predict_returns_an_image_of_the_expected_size(predictor, input_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUX_OUTPUT_DIR", str(tmp_path / "out"))
+    out = predictor.predict(prompt="make it red", input_image=input_file, **{**DEFAULTS, "aspect_ratio": "16:9"})
+    with Image.open(out) as image:
+        assert image.size == (1360, 768)
+        assert image.format == "PNG"
+
+
+@pytest.mark.parametrize("path", ["/etc/hostname", "../weights/model_index.json"])
+def test_path_strings_are_refused_before_anything_is_opened(predictor, path, monkeypatch):
+    opened = []
+    import flux.images
+
+    monkeypatch.setattr(flux.images.Path, "read_bytes", lambda self: opened.append(self) or b"")
+    with pytest.raises(InputError, match="uploaded file"):
+        predictor.predict(prompt="x", input_image=path, **DEFAULTS)
+    assert opened == []
+
+
+def test_thirty_predictions_leave_a_bounded_number_of_outputs(predictor, input_file, tmp_path, monkeypatch):
+    out_dir = tmp_path / "outputs"
+    monkeypatch.setenv("FLUX_OUTPUT_DIR", str(out_dir))
+    monkeypatch.setattr("flux.pipeline.edit", _fake_edit)
+    outputs = {predictor.predict(prompt="x", input_image=input_file, **DEFAULTS) for _ in range(30)}
+    assert len(outputs) == 30  # unique names: no prediction overwrites another
+    assert len(list(out_dir.iterdir())) <= 8
+
+
+def _fake_edit(components, image, settings, on_step=None):
+    """The edit itself is tested elsewhere; here only the adapter's file handling is."""
+    import torch
+
+    from flux.edit import EditReport, EditResult
+
+    report = EditReport(seed=settings.seed, acceleration=settings.acceleration, num_steps=settings.num_steps)
+    return EditResult(image=Image.new("RGB", (16, 16)), latents=torch.zeros(1), report=report)
+
+
+def test_flagged_image_is_never_returned(flagging_weights, input_file, monkeypatch, tmp_path):
+    monkeypatch.setenv("FLUX_OUTPUT_DIR", str(tmp_path / "out"))
+    predictor = make_predictor(flagging_weights, monkeypatch)
+    with pytest.raises(EditError, match="safety checker flagged"):
+        predictor.predict(prompt="x", input_image=input_file, **DEFAULTS)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    out = predictor.predict(prompt="x", input_image=input_file, **{**DEFAULTS, "disable_safety_checker": True})
+    assert out.exists()
+
+
+def test_setup_lists_missing_files_and_the_fetch_command(tiny_weights, tmp_path, monkeypatch):
+    broken = tmp_path / "weights"
+    shutil.copytree(tiny_weights, broken)
+    (broken / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    (broken / "tokenizer_2" / "spiece.model").unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        make_predictor(broken, monkeypatch)
+    message = str(info.value)
+    assert "missing: vae/diffusion_pytorch_model.safetensors" in message
+    assert "missing: tokenizer_2/spiece.model" in message
+    assert "scripts/download_weights.py" in message
+
+
+def test_setup_on_an_empty_directory_fails_clearly(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="missing: transformer/config.json"):
+        make_predictor(tmp_path, monkeypatch)
+
+
+def test_server_starts_without_deprecation_warnings():
+    import warnings
+
+    from cog._inspector import create_predictor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        info = create_predictor("predict", "Predictor")
+    assert "prompt" in info.inputs

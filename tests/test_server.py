@@ -1,0 +1,121 @@
+"""The real Cog HTTP server process on 127.0.0.1 with the tiny model, end to end."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from flux import sizes
+from tests.cog_server import cog_server, data_uri, decode_output
+from tests.conftest import image_bytes, random_image
+
+INPUTS = [
+    "prompt", "input_image", "aspect_ratio", "num_inference_steps", "guidance", "seed", "acceleration",
+    "output_format", "output_quality", "disable_safety_checker",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tiny_weights, tmp_path_factory):
+    with cog_server(tiny_weights, tmp_path_factory.mktemp("server")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def png_uri():
+    return data_uri(image_bytes(random_image(320, 240)))
+
+
+def test_health_and_schema(server):
+    status, health = server.get("/health-check")
+    assert status == 200 and health["status"] == "READY"
+    status, schema = server.get("/openapi.json")
+    assert status == 200
+    schemas = schema["components"]["schemas"]
+    props = schemas["Input"]["properties"]
+    assert sorted(props, key=lambda name: props[name]["x-order"]) == INPUTS
+    assert schemas["Input"]["required"] == ["prompt", "input_image"]
+    assert props["num_inference_steps"] == {**props["num_inference_steps"], "default": 28, "minimum": 4, "maximum": 50}
+    assert props["guidance"]["default"] == 2.5 and props["guidance"]["maximum"] == 10
+    assert props["output_quality"]["default"] == 80
+    assert props["seed"]["nullable"] is True and "default" not in props["seed"]
+    assert schemas["aspect_ratio"]["enum"] == list(sizes.ASPECT_RATIO_CHOICES)
+    assert schemas["acceleration"]["enum"] == ["none", "go fast", "go really fast"]
+    assert schemas["output_format"]["enum"] == ["webp", "jpg", "png"]
+    assert props["acceleration"]["default"] == "go fast"
+
+
+@pytest.mark.parametrize(
+    "aspect_ratio,output_format,acceleration",
+    [("match_input_image", "png", "none"), ("16:9", "jpg", "go fast"), ("9:21", "webp", "go really fast")],
+)
+def test_predictions_return_decodable_images(server, png_uri, aspect_ratio, output_format, acceleration):
+    status, body = server.predict(
+        prompt="make it red", input_image=png_uri, aspect_ratio=aspect_ratio, output_format=output_format,
+        acceleration=acceleration, num_inference_steps=12, seed=5,
+    )  # fmt: skip
+    assert status == 200 and body["status"] == "succeeded", body
+    with Image.open(io.BytesIO(decode_output(body["output"]))) as image:
+        assert image.format == {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[output_format]
+        assert image.size == sizes.output_size(aspect_ratio, 320, 240)
+    expected_calls = {"none": 12, "go fast": 10, "go really fast": 8}[acceleration]
+    metrics = body["metrics"]
+    assert metrics["transformer_calls"] == expected_calls
+    assert metrics["seed"] == 5 and metrics["acceleration"] == acceleration
+    assert set(metrics["seconds"]) >= {"encode", "denoise", "decode"}
+    assert "seed 5" in body["logs"]
+
+
+@pytest.mark.parametrize(
+    "field,value", [("num_inference_steps", 99), ("aspect_ratio", "7:3"), ("acceleration", "go ludicrous")]
+)
+def test_invalid_inputs_get_422_naming_the_field(server, png_uri, field, value):
+    status, body = server.predict(prompt="x", input_image=png_uri, **{field: value})
+    assert status == 422
+    assert field in str(body)
+
+
+def test_failed_prediction_leaves_the_server_healthy(server, png_uri):
+    status, body = server.predict(prompt="x", input_image=data_uri(b"\x89PNG\r\n\x1a\nnot really", "image/png"))
+    assert status == 200 and body["status"] == "failed"
+    assert "input_image" in body["error"] and "Traceback" not in body["error"]
+    assert server.get("/health-check")[1]["status"] == "READY"
+    status, body = server.predict(prompt="x", input_image=png_uri, num_inference_steps=4, seed=1)
+    assert body["status"] == "succeeded"
+
+
+def test_same_seed_same_bytes(server, png_uri):
+    outputs = []
+    for _ in range(2):
+        status, body = server.predict(
+            prompt="x", input_image=png_uri, num_inference_steps=4, seed=11, output_format="png"
+        )
+        assert body["status"] == "succeeded"
+        outputs.append(decode_output(body["output"]))
+    assert outputs[0] == outputs[1]
+
+
+def test_random_seed_is_logged_and_reported(server, png_uri):
+    status, body = server.predict(prompt="x", input_image=png_uri, num_inference_steps=4)
+    assert body["status"] == "succeeded"
+    assert f"seed {body['metrics']['seed']}" in body["logs"]
+
+
+@pytest.mark.parametrize("path", ["/etc/hostname", "../weights/model_index.json"])
+def test_path_strings_are_refused_over_http(server, path):
+    status, body = server.predict(prompt="x", input_image=path)
+    assert body["status"] == "failed"
+    assert "uploaded file" in body["error"]
+
+
+def test_no_deprecation_warnings_at_start(server):
+    assert "deprecated" not in server.log().lower()
+
+
+def test_flagged_image_fails_over_http(flagging_weights, tmp_path, png_uri):
+    with cog_server(flagging_weights, tmp_path) as flagged:
+        status, body = flagged.predict(prompt="x", input_image=png_uri, num_inference_steps=4, seed=1)
+        assert body["status"] == "failed" and body.get("output") is None
+        assert "safety checker flagged" in body["error"]

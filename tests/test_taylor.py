@@ -1,0 +1,216 @@
+"""TaylorSeer: the step maps, the cache math, and the cache wired into the loop."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+import taylor_utils
+from flux import schedule
+from flux.edit import EditSettings, edit, encode_image, encode_prompt, initial_noise, position_ids
+from tests.conftest import random_image
+
+LEVELS = taylor_utils.ACCELERATION_LEVELS
+
+
+def test_calls_at_28_steps():
+    assert [taylor_utils.compute_step_count(level, 28) for level in LEVELS] == [28, 18, 13]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_maps_for_every_step_count(level):
+    for steps in range(taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS + 1):
+        step_map = taylor_utils.compute_step_map(level, steps)
+        assert len(step_map) == steps
+        assert step_map[0] and step_map[-1]
+        if level != "none" and steps > 8:
+            assert not all(step_map)
+
+
+def test_unknown_level_is_refused():
+    with pytest.raises(ValueError, match="acceleration must be one of"):
+        taylor_utils.compute_step_map("go ludicrous", 28)
+
+
+def _cache_run(values, positions, n, step_map):
+    """Feed values at computed positions, forecast the rest; returns the forecasts by index."""
+    cache = taylor_utils.TaylorCache(n_derivatives=n)
+    out = {}
+    for i, compute in enumerate(step_map):
+        if compute:
+            cache.update(values[i], positions[i])
+        else:
+            out[i] = cache.forecast(positions[i])
+    return out
+
+
+@pytest.mark.parametrize("trial", range(25))
+def test_constant_and_linear_trajectories_are_forecast_exactly(trial):
+    rng = random.Random(trial)
+    steps = rng.randint(taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS)
+    level = rng.choice(LEVELS[1:])
+    n = rng.randint(1, 3)
+    step_map = taylor_utils.compute_step_map(level, steps)
+    torch.manual_seed(trial)
+    a, b = torch.randn(2, 5, 7, dtype=torch.float64)
+    # positions: step indices, or an uneven increasing coordinate (timestep units)
+    positions = list(range(steps)) if trial % 2 else sorted(rng.uniform(0, 1000) for _ in range(steps))
+    for slope in (0.0, 1.0):
+        values = [a + slope * p * b for p in positions]
+        for i, forecast in _cache_run(values, positions, n, step_map).items():
+            torch.testing.assert_close(forecast, values[i], rtol=1e-9, atol=1e-9)
+
+
+def _reference_forecast(history, n, k):
+    """The formula of shared/taylorseer.md, evaluated independently: finite differences over the
+    computed steps' (position, value) history, then the truncated Taylor series."""
+    derivs_prev = None
+    derivs = None
+    last_pos = None
+    for pos, value in history:
+        new = [value]
+        if derivs is not None:
+            window = pos - last_pos
+            for i in range(n):
+                if i < len(derivs):
+                    new.append((new[i] - derivs[i]) / window)
+        derivs_prev, derivs, last_pos = derivs, new[: n + 1], pos
+    del derivs_prev
+    return sum(d * (k**i) / math.factorial(i) for i, d in enumerate(derivs))
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_higher_degree_forecast_matches_the_formula(trial):
+    rng = random.Random(100 + trial)
+    steps = rng.randint(taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS)
+    level = rng.choice(LEVELS[1:])
+    n = rng.randint(0, 3)
+    step_map = taylor_utils.compute_step_map(level, steps)
+    torch.manual_seed(trial)
+    coeffs = torch.randn(4, 3, dtype=torch.float64)
+    values = [sum(coeffs[d] * (i / steps) ** d for d in range(4)) for i in range(steps)]
+    history = []
+    cache = taylor_utils.TaylorCache(n_derivatives=n)
+    for i, compute in enumerate(step_map):
+        if compute:
+            cache.update(values[i], float(i))
+            history.append((float(i), values[i]))
+        else:
+            expected = _reference_forecast(history, n, i - history[-1][0])
+            torch.testing.assert_close(cache.forecast(float(i)), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_derivatives_appear_as_computed_steps_accumulate():
+    cache = taylor_utils.TaylorCache(n_derivatives=2)
+    cache.update(torch.ones(3), 0.0)
+    assert [d is None for d in cache.d_current] == [False, True, True]
+    cache.update(torch.ones(3) * 2, 1.0)
+    assert [d is None for d in cache.d_current] == [False, False, True]
+    cache.update(torch.ones(3) * 4, 2.0)
+    assert all(d is not None for d in cache.d_current)
+    torch.testing.assert_close(cache.d_current[2], torch.ones(3))
+
+
+def test_terms_are_held_in_fp32_for_bf16_predictions():
+    cache = taylor_utils.TaylorCache(n_derivatives=2)
+    for i in range(3):
+        cache.update(torch.full((4,), float(i), dtype=torch.bfloat16), float(i))
+    assert all(d.dtype == torch.float32 for d in cache.d_current)
+    assert cache.forecast(3.0).dtype == torch.float32
+
+
+def test_cache_holds_at_most_order_predictions():
+    cache = taylor_utils.TaylorCache(n_derivatives=2)
+    prediction = torch.zeros(10, 64)
+    for i in range(6):
+        cache.update(prediction, float(i))
+    assert cache.nbytes() == 3 * prediction.numel() * 4
+    cache.reset()
+    assert cache.nbytes() == 0 and cache.computed_steps == 0
+
+
+def _count_calls(components, run):
+    calls = []
+    handle = components.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    return len(calls), result
+
+
+def _settings(**kw):
+    base = dict(prompt="flip it", width=32, height=32, seed=3, num_steps=28, condition_size=(32, 32))
+    base.update(kw)
+    return EditSettings(**base)
+
+
+def test_calls_counted_on_the_model_at_28_steps(components):
+    image = random_image(32, 32)
+    counts = [
+        _count_calls(components, lambda lv=level: edit(components, image, _settings(acceleration=lv)))[0]
+        for level in LEVELS
+    ]
+    assert counts == [28, 18, 13]
+
+
+def test_calls_equal_the_map_for_every_step_count(components):
+    image = random_image(16, 16)
+    for level in LEVELS:
+        for steps in range(taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS + 1):
+            settings = _settings(acceleration=level, num_steps=steps, width=16, height=16, condition_size=(16, 16))
+            calls, result = _count_calls(components, lambda s=settings: edit(components, image, s))
+            step_map = taylor_utils.compute_step_map(level, steps)
+            assert calls == sum(step_map) == result.report.transformer_calls
+            assert result.report.forecast_steps == [i for i, c in enumerate(step_map) if not c]
+
+
+def test_none_is_bit_identical_to_a_loop_without_cache(components):
+    """An independent plain Euler loop (no cache, no maps) gives the same bits as "none"."""
+    c = components
+    image = random_image(48, 32, seed=5)
+    settings = _settings(acceleration="none", num_steps=10, width=48, height=32, condition_size=(48, 32))
+    ours = edit(c, image, settings).latents
+    with torch.inference_mode():
+        embeds, pooled, text_ids = encode_prompt(c, settings.prompt)
+        image_latents, image_ids = encode_image(c, image)
+        latents = initial_noise(c, settings.seed, 48, 32)
+        ids = torch.cat([position_ids(2, 3, 0.0, c.device, c.dtype), image_ids])
+        sigmas = schedule.sigmas_for(c.scheduler, 10, latents.shape[1])
+        guidance = torch.full([1], settings.guidance)
+        for i in range(10):
+            t = (sigmas[i] * 1000.0).expand(1)
+            out = c.transformer(
+                hidden_states=torch.cat([latents, image_latents], 1), timestep=t / 1000, guidance=guidance,
+                pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=ids,
+                return_dict=False,
+            )[0][:, : latents.shape[1]]  # fmt: skip
+            latents = (latents.float() + (sigmas[i + 1].item() - sigmas[i].item()) * out.float()).to(latents.dtype)
+    assert torch.equal(ours, latents)
+
+
+def test_report_and_cache_memory(components):
+    image = random_image(32, 32)
+    result = edit(components, image, _settings(acceleration="go fast", n_derivatives=2))
+    report = result.report
+    tokens = result.latents.shape[1] * result.latents.shape[2]
+    assert report.cache_bytes == 3 * tokens * 4  # order x the target prediction (fp32), conditioning tokens excluded
+    assert report.transformer_seconds > 0 and report.forecast_seconds > 0
+    assert set(report.seconds) == {"encode", "denoise", "decode"}
+
+
+def test_levels_differ_but_stay_close_to_none(components):
+    image = random_image(32, 32)
+    none = edit(components, image, _settings(acceleration="none")).latents
+    fast = edit(components, image, _settings(acceleration="go fast")).latents
+    assert not torch.equal(none, fast)
+    assert torch.isfinite(fast).all()
+
+
+@pytest.mark.parametrize("units", ["steps", "timesteps"])
+def test_taylor_units_both_run(components, units):
+    result = edit(components, random_image(32, 32), _settings(acceleration="go really fast", taylor_units=units))
+    assert result.report.transformer_calls == 13
