@@ -1,0 +1,245 @@
+"""The weights fetcher: parallel, resumable (HTTP Range), verified before a file reaches its final path.
+
+Files come from the Hugging Face Hub (URLs built with huggingface_hub) or from any plain HTTPS
+mirror laid out like the weights tree (``base_url``). Each file is written to ``PATH.part``,
+resumed from where it stopped after a dropped connection, and renamed to ``PATH`` only when its
+size and sha256 match the manifest; a mismatching file is moved aside to ``.rejected/`` and never
+used. The token (``HF_TOKEN``) is sent as an Authorization header and never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flux import weights
+
+CHUNK = 1 << 20
+USER_AGENT = "flux-kontext-cog-fetcher/1"
+
+
+class FetchError(RuntimeError):
+    """A file could not be fetched; the message says why and what to do."""
+
+
+@dataclass
+class FetchReport:
+    downloaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bytes_downloaded: int = 0
+    seconds: float = 0.0
+
+
+def file_url(entry: dict, manifest: dict, base_url: str | None) -> str:
+    if base_url:
+        return base_url.rstrip("/") + "/" + entry["path"]
+    from huggingface_hub import hf_hub_url
+
+    source = manifest["sources"][entry["source"]]
+    return hf_hub_url(source["repository"], entry["remote"], revision=source.get("revision") or "main")
+
+
+def _licence_hint(manifest: dict, entry: dict) -> str:
+    source = manifest.get("sources", {}).get(entry.get("source") or "", {})
+    repo = source.get("repository", "the model repository")
+    return (
+        f"access denied. {repo} is gated: accept its licence at https://huggingface.co/{repo} with your account, "
+        "create a read token, and set HF_TOKEN to it"
+    )
+
+
+def _redact(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.lock = threading.Lock()
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc="weights")
+
+    def add(self, n: int) -> None:
+        if self.bar is not None:
+            with self.lock:
+                self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _open(url: str, token: str | None, start: int, timeout: float):
+    headers = {"User-Agent": USER_AGENT}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+
+
+def _set_aside(root: Path, path: Path) -> Path:
+    rejected = root / ".rejected" / f"{path.relative_to(root)}.{int(time.time() * 1000)}"
+    rejected.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, rejected)
+    return rejected
+
+
+def fetch_file(
+    entry: dict,
+    manifest: dict,
+    root: Path,
+    base_url: str | None = None,
+    token: str | None = None,
+    retries: int = 5,
+    backoff: float = 0.5,
+    timeout: float = 60.0,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> int:
+    """Download one manifest entry into ``root``; returns the bytes transferred."""
+    target = root / entry["path"]
+    partial = target.with_name(target.name + ".part")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    url = file_url(entry, manifest, base_url)
+    expected = entry.get("size")
+    transferred = 0
+    attempt = 0
+    while True:
+        start = partial.stat().st_size if partial.exists() else 0
+        if expected is not None and start >= expected:
+            break  # complete (or too long: the checks below set it aside)
+        try:
+            with _open(url, token, start, timeout) as response:
+                if start and response.status != 206:
+                    start = 0  # the server ignored the Range: start over
+                with open(partial, "ab" if start else "wb") as out:
+                    while block := response.read(CHUNK):
+                        out.write(block)
+                        transferred += len(block)
+                        on_bytes(len(block))
+            if expected is None or partial.stat().st_size >= expected:
+                break
+            raise ConnectionError("connection closed before the end of the file")
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise FetchError(f"{entry['path']}: HTTP {exc.code}, {_licence_hint(manifest, entry)}") from None
+            if exc.code == 404:
+                raise FetchError(f"{entry['path']}: not found (HTTP 404) at {_redact(url, token)}") from None
+            if exc.code == 416:  # nothing left to send from this offset: check what we have
+                break
+            if exc.code < 500 or attempt >= retries:
+                raise FetchError(f"{entry['path']}: HTTP {exc.code} from {_redact(url, token)}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            if attempt >= retries:
+                raise FetchError(
+                    f"{entry['path']}: connection failed after {retries} retries ({_redact(str(exc), token)}); "
+                    "run the command again to resume"
+                ) from None
+        attempt += 1
+        time.sleep(backoff * 2 ** (attempt - 1))
+
+    size = partial.stat().st_size
+    if expected is not None and size != expected:
+        aside = _set_aside(root, partial)
+        raise FetchError(f"{entry['path']}: {size} bytes, expected {expected}; set aside as {aside}")
+    if entry.get("sha256"):
+        digest = weights.sha256_of(partial)
+        if digest != entry["sha256"]:
+            aside = _set_aside(root, partial)
+            raise FetchError(f"{entry['path']}: sha256 {digest} does not match the manifest; set aside as {aside}")
+    os.replace(partial, target)
+    return transferred
+
+
+def _remote_size(entry: dict, manifest: dict, base_url: str | None, token: str | None) -> int | None:
+    headers = {"User-Agent": USER_AGENT, **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(file_url(entry, manifest, base_url), headers=headers, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            length = response.headers.get("Content-Length")
+            return int(length) if length else None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def fetch(
+    out_dir: str | Path,
+    manifest: dict | None = None,
+    base_url: str | None = None,
+    token: str | None = None,
+    workers: int = 8,
+    rehash: bool = False,
+    progress: bool = True,
+    **file_options,
+) -> FetchReport:
+    """Bring ``out_dir`` to the manifest: download what is missing or wrong, skip what is verified."""
+    started = time.perf_counter()
+    manifest = manifest if manifest is not None else weights.load_manifest()
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    token = token if token is not None else os.environ.get("HF_TOKEN") or None
+    report = FetchReport()
+    todo = []
+    for entry in manifest["files"]:
+        target = root / entry["path"]
+        size_ok = target.is_file() and (entry.get("size") is None or target.stat().st_size == entry["size"])
+        if size_ok and (not rehash or not entry.get("sha256") or weights.sha256_of(target) == entry["sha256"]):
+            report.skipped.append(entry["path"])
+            continue
+        if target.exists():
+            _set_aside(root, target)
+        todo.append(entry)
+    if todo:
+        sizes = {e["path"]: e.get("size") or _remote_size(e, manifest, base_url, token) for e in todo}
+        needed = 0
+        for e in todo:
+            partial = root / (e["path"] + ".part")
+            have = partial.stat().st_size if partial.exists() else 0
+            needed += max((sizes[e["path"]] or 0) - have, 0)
+        free = shutil.disk_usage(root).free
+        if needed > free:
+            raise FetchError(f"not enough free disk in {root}: {needed / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
+        bar = _Progress(sum(s or 0 for s in sizes.values()), progress)
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def one(entry: dict) -> None:
+            try:
+                n = fetch_file(entry, manifest, root, base_url, token, on_bytes=bar.add, **file_options)
+                with lock:
+                    report.downloaded.append(entry["path"])
+                    report.bytes_downloaded += n
+            except FetchError as exc:
+                with lock:
+                    errors.append(str(exc))
+
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                list(pool.map(one, todo))
+        finally:
+            bar.close()
+        if errors:
+            raise FetchError("could not fetch every file:\n  " + "\n  ".join(sorted(errors)))
+    if manifest.get("files") != weights.load_manifest()["files"]:
+        (root / weights.TREE_MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def pin(out_dir: str | Path, manifest_path: Path = weights.MANIFEST_PATH) -> dict:
+    """Record sizes and sha256 of a verified download into the project manifest."""
+    pinned = weights.describe_tree(out_dir, weights.load_manifest(manifest_path))
+    pinned.pop("note", None)
+    manifest_path.write_text(json.dumps(pinned, indent=2) + "\n")
+    return pinned

@@ -1,0 +1,123 @@
+"""A real HTTP server on 127.0.0.1 serving a weights tree, with Range support and injectable faults."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+@dataclass
+class Faults:
+    token: str | None = None  # required bearer token
+    drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before the first drop
+    corrupt: set[str] = field(default_factory=set)  # paths served with flipped bytes
+    delay: float = 0.0  # seconds before each GET answers (lets downloads overlap)
+
+
+@dataclass
+class Log:
+    requests: list[dict] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def make_handler(root: Path, faults: Faults, log: Log):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # quiet
+            pass
+
+        def _file(self) -> Path | None:
+            rel = self.path.lstrip("/")
+            target = (root / rel).resolve()
+            return target if target.is_file() and root.resolve() in target.parents else None
+
+        def _check(self) -> Path | None:
+            with log.lock:
+                log.requests.append(
+                    {
+                        "method": self.command,
+                        "path": self.path.lstrip("/"),
+                        "range": self.headers.get("Range"),
+                        "authorization": self.headers.get("Authorization"),
+                    }
+                )
+            if faults.token and self.headers.get("Authorization") != f"Bearer {faults.token}":
+                self.send_error(401, "Unauthorized")
+                return None
+            target = self._file()
+            if target is None:
+                self.send_error(404, "Not Found")
+            return target
+
+        def do_HEAD(self):
+            target = self._check()
+            if target is not None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(target.stat().st_size))
+                self.end_headers()
+
+        def do_GET(self):
+            target = self._check()
+            if target is None:
+                return
+            with log.lock:
+                log.in_flight += 1
+                log.max_in_flight = max(log.max_in_flight, log.in_flight)
+            try:
+                time.sleep(faults.delay)
+                self._send(target)
+            finally:
+                with log.lock:
+                    log.in_flight -= 1
+
+        def _send(self, target: Path):
+            rel = self.path.lstrip("/")
+            data = target.read_bytes()
+            if rel in faults.corrupt:
+                data = bytes(b ^ 0xFF for b in data)
+            start = 0
+            header = self.headers.get("Range")
+            if header:
+                start = int(header.removeprefix("bytes=").split("-")[0])
+                if start >= len(data):
+                    self.send_error(416, "Range Not Satisfiable")
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            else:
+                self.send_response(200)
+            body = data[start:]
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            cut = faults.drop_after.pop(rel, None)
+            if cut is not None:
+                self.wfile.write(body[:cut])
+                self.wfile.flush()
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(2)
+                return
+            self.wfile.write(body)
+
+    return Handler
+
+
+@contextlib.contextmanager
+def serve_tree(root: Path, faults: Faults | None = None):
+    faults = faults or Faults()
+    log = Log()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(root, faults, log))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", log
+    finally:
+        server.shutdown()
+        server.server_close()
