@@ -54,9 +54,8 @@ def test_dropped_connection_is_resumed_with_range(tiny_weights, manifest, tmp_pa
 
 def test_wrong_bytes_never_reach_the_final_path(tiny_weights, manifest, tmp_path):
     out = tmp_path / "weights"
-    with serve_tree(tiny_weights, Faults(corrupt={BIG})) as (url, _):
-        with pytest.raises(FetchError, match="sha256"):
-            fetch(out, manifest, base_url=url, progress=False)
+    with serve_tree(tiny_weights, Faults(corrupt={BIG})) as (url, _), pytest.raises(FetchError, match="sha256"):
+        fetch(out, manifest, base_url=url, progress=False)
     assert not (out / BIG).exists()
     assert not (out / (BIG + ".part")).exists()
     assert list((out / ".rejected").rglob("*.part.*"))
