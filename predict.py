@@ -18,6 +18,7 @@ from PIL import Image
 
 import taylor_utils
 from flux import sizes
+from flux.device import release_memory
 from flux.errors import InputError
 from flux.images import OUTPUT_FORMATS, save_image
 from flux.outputs import new_output_path
@@ -66,10 +67,13 @@ class Predictor(BaseRunner):
         disable_safety_checker: bool = Input(description="Disable the safety checker", default=False),
     ) -> Path:
         image_file = accepted_file(input_image)
-        result = run_edit(
-            self.model, image_file, prompt, aspect_ratio=aspect_ratio, num_steps=num_inference_steps,
-            guidance=guidance, seed=seed, acceleration=acceleration, check_safety=not disable_safety_checker,
-        )  # fmt: skip
+        try:
+            result = run_edit(
+                self.model, image_file, prompt, aspect_ratio=aspect_ratio, num_steps=num_inference_steps,
+                guidance=guidance, seed=seed, acceleration=acceleration, check_safety=not disable_safety_checker,
+            )  # fmt: skip
+        finally:
+            release_memory(self.model.components.device)
         report = result.report
         print(report.summary())
         self.record_metric("seed", report.seed)

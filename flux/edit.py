@@ -19,7 +19,7 @@ from PIL import Image
 
 import taylor_utils
 from flux import images, schedule, sizes
-from flux.device import synchronize
+from flux.device import release_memory, synchronize
 from flux.errors import EditError, InputError
 from flux.loading import Components
 
@@ -274,15 +274,10 @@ def edit(c: Components, image: Image.Image, settings: EditSettings, on_step: Ste
         _check_finite(decoded, "decoded image")
     except torch.OutOfMemoryError:
         cache.reset()
-        _release_memory(c.device)
+        release_memory(c.device)
         raise EditError(
             "out of GPU memory during the edit; the memory was released. Try a smaller image or fewer steps."
         ) from None
     finally:
         cache.reset()
     return EditResult(image=images.to_pil(decoded), latents=latents, report=report)
-
-
-def _release_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

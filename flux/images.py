@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from flux.errors import InputError
+from flux.errors import EditError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def load_image(source: str | os.PathLike | bytes) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         if isinstance(exc, Image.DecompressionBombError):
-            raise InputError(f"input_image is too large: {exc}") from None
+            raise InputError(_too_large("input_image declares far too many pixels")) from None
         raise InputError(
             f"input_image is not a readable image ({len(data)} bytes); send a jpeg, png, gif or webp file"
         ) from None
@@ -47,10 +47,7 @@ def load_image(source: str | os.PathLike | bytes) -> Image.Image:
         raise InputError(f"input_image format {image.format} is not supported; send a jpeg, png, gif or webp file")
     width, height = image.size
     if width * height > MAX_INPUT_PIXELS:
-        raise InputError(
-            f"input_image is {width}x{height} pixels, more than the {MAX_INPUT_PIXELS // 1_000_000} megapixels "
-            "accepted; send a smaller image"
-        )
+        raise InputError(_too_large(f"input_image is {width}x{height} pixels"))
     if getattr(image, "n_frames", 1) > 1:
         log.warning("input_image is animated (%d frames): using the first frame", image.n_frames)
         image.seek(0)
@@ -64,6 +61,10 @@ def load_image(source: str | os.PathLike | bytes) -> Image.Image:
         return to_rgb(image)
     except (OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"input_image could not be decoded ({exc}); the file may be truncated or corrupt") from None
+
+
+def _too_large(what: str) -> str:
+    return f"{what}, more than the {MAX_INPUT_PIXELS // 1_000_000} megapixels accepted; send a smaller image"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -114,13 +115,18 @@ def save_image(image: Image.Image, path: str | os.PathLike, output_format: str, 
         options["quality"] = quality
     buffer = io.BytesIO()
     image.save(buffer, format=OUTPUT_FORMATS[output_format], **options)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except OSError as exc:
+        raise EditError(f"the output image could not be written to {path.parent}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(buffer.getvalue())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise EditError(f"the output image could not be written to {path.parent}: {exc.strerror}") from None
         raise
     return path

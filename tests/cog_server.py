@@ -34,10 +34,12 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    def post(self, path: str, body: dict, timeout: float = 300, headers: dict | None = None) -> tuple[int, dict | str]:
+    def post(
+        self, path: str, body: dict, timeout: float = 300, headers: dict | None = None, method: str = "POST"
+    ) -> tuple[int, dict | str]:
         data = json.dumps(body).encode()
         request = urllib.request.Request(
-            self.url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+            self.url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})}, method=method
         )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as r:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from flux import images
-from flux.errors import InputError
+from flux.errors import EditError, InputError
 from tests.conftest import image_bytes, random_image
 
 
@@ -116,7 +116,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(images.os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(EditError, match="could not be written.*No space left"):
         images.save_image(random_image(8, 8), target, "png")
     assert list(tmp_path.iterdir()) == []
 

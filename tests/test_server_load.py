@@ -1,0 +1,133 @@
+"""Failures and load over HTTP: the server keeps serving, nothing is lost, memory stays flat."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.cog_server import cog_server, data_uri, decode_output
+from tests.conftest import image_bytes, random_image
+from tests.test_images import png_header_only
+
+
+@pytest.fixture(scope="module")
+def server(tiny_weights, tmp_path_factory):
+    with cog_server(tiny_weights, tmp_path_factory.mktemp("load")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def uri():
+    return data_uri(image_bytes(random_image(64, 48)))
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (the server and its worker)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+@pytest.mark.parametrize(
+    "inputs,message",
+    [
+        ({"input_image": data_uri(png_header_only(30000, 30000))}, "megapixels"),
+        ({"input_image": data_uri(b"")}, "empty"),
+        ({"prompt": "   "}, "prompt is empty"),
+    ],
+)
+def test_bad_requests_fail_clearly_and_the_server_keeps_serving(server, uri, inputs, message):
+    status, body = server.predict(**{"prompt": "x", "input_image": uri, **inputs})
+    assert status == 200 and body["status"] == "failed"
+    assert message in body["error"]
+    assert "Traceback" not in body["error"]
+    status, body = server.predict(prompt="x", input_image=uri, num_inference_steps=4, seed=0)
+    assert body["status"] == "succeeded"
+
+
+def test_cancel_during_denoise(server, uri):
+    result = {}
+
+    def run():
+        request = {"id": "cancel-me", "input": {"prompt": "x", "input_image": uri, "num_inference_steps": 50}}
+        result["response"] = server.post("/predictions/cancel-me", request, method="PUT")
+        result["done"] = time.monotonic()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(2.0)  # setup of the request, encode, a few steps
+    cancelled_at = time.monotonic()
+    status, _ = server.post("/predictions/cancel-me/cancel", {})
+    thread.join(timeout=120)
+    status, body = result["response"]
+    assert isinstance(body, dict), (status, body)
+    assert body["status"] == "canceled"
+    assert result["done"] - cancelled_at < 2.0  # within a step (about 0.15 s here) plus the response
+    status, body = server.predict(prompt="x", input_image=uri, num_inference_steps=4, seed=0)
+    assert body["status"] == "succeeded"
+
+
+def predict_when_free(server, attempts: int = 50, **inputs):
+    """A sequential client: coglet can answer 409 for a moment after the previous response, so retry."""
+    for attempt in range(attempts):
+        status, body = server.predict(**inputs)
+        if status != 409:
+            return status, body, attempt
+        time.sleep(0.1)
+    return status, body, attempts
+
+
+def test_fifty_sequential_predictions_keep_memory_flat(server, uri):
+    rss = {}
+    busy_retries = 0
+    for i in range(1, 51):
+        status, body, retries = predict_when_free(
+            server, prompt="x", input_image=uri, num_inference_steps=4, seed=i, output_format="jpg"
+        )
+        busy_retries += retries
+        assert status == 200 and body["status"] == "succeeded", (i, body)
+        if i in (10, 50):
+            rss[i] = tree_rss_bytes(server.process.pid)
+    growth = rss[50] - rss[10]
+    print(f"RSS after 10: {rss[10] / 2**20:.0f} MiB, after 50: {rss[50] / 2**20:.0f} MiB; busy retries {busy_retries}")
+    assert abs(growth) < 50 * 2**20
+
+
+def test_ten_at_once_complete_or_are_refused_as_busy(server, uri):
+    def one(i):
+        return server.predict(prompt="x", input_image=uri, num_inference_steps=4, seed=100 + i, output_format="png")
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(one, range(10)))
+    succeeded = [body for status, body in results if status == 200 and body.get("status") == "succeeded"]
+    busy = [body for status, body in results if status == 409]
+    assert len(succeeded) + len(busy) == 10, results
+    assert succeeded
+    for body in succeeded:
+        with Image.open(io.BytesIO(decode_output(body["output"]))) as image:
+            image.load()
+            assert image.size[0] % 16 == 0
+    assert server.get("/health-check")[1]["status"] == "READY"
+    status, body = server.predict(prompt="x", input_image=uri, num_inference_steps=4, seed=0)
+    assert body["status"] == "succeeded"
