@@ -6,38 +6,34 @@ cog 0.23 serves ``run()``; ``predict()`` is the same call under its documented n
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import os
 import pathlib
-import time
 
-import torch
 from cog import BaseRunner, Input, Path
-from PIL import Image
 
 import taylor_utils
 from flux import sizes
 from flux.device import release_memory
 from flux.errors import InputError
+from flux.fast import FastSettings
 from flux.images import OUTPUT_FORMATS, save_image
 from flux.outputs import new_output_path
-from flux.pipeline import Model, load_model, run_edit
+from flux.pipeline import Model, load_model, run_edit, warm_up
 
 log = logging.getLogger("predict")
 
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
-        """Check the weights against the manifest, load them, and warm up on a GPU."""
+        """Check the weights against the manifest, load them, apply the GPU fast path and warm it up."""
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         weights_dir = os.environ.get("WEIGHTS_DIR", "weights")
         self.model: Model = load_model(weights_dir)
-        print(f"setup: load {self.model.load_seconds:.1f}s from {weights_dir} on {self.model.components.device}")
         if self.model.components.device.type == "cuda":
-            start = time.perf_counter()
-            run_edit(self.model, warmup_image(), "warm up", num_steps=4, seed=0, check_safety=False)
-            print(f"setup: warm-up {time.perf_counter() - start:.1f}s")
+            warm_up(self.model, FastSettings.from_env().warm_sizes)
+        phases = ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.model.seconds.items())
+        print(f"setup: {phases} ({weights_dir} on {self.model.components.device}; fast path {self.model.fast_path})")
 
     def run(
         self,
@@ -89,12 +85,6 @@ class Predictor(BaseRunner):
     predict = functools.partialmethod(run)
 
 
-def warmup_image() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (1024, 1024), (128, 128, 128)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def accepted_file(value: object) -> pathlib.Path:
     """The input image must be a file the server received (cog.Path), never a path string.
 
@@ -106,7 +96,3 @@ def accepted_file(value: object) -> pathlib.Path:
             "input_image must be an uploaded file (a data URI or an http(s) URL); file paths on the server are refused"
         )
     return value
-
-
-if torch.cuda.is_available():  # fast matmul on GPUs; no effect on the CPU
-    torch.backends.cuda.matmul.allow_tf32 = True

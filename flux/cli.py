@@ -12,17 +12,35 @@ from flux import sizes, weights
 from flux.errors import EditError, InputError
 
 TINY_DIR = weights.PROJECT_ROOT / ".cache" / "tiny-weights"
+# the trained proxy (scripts/train_proxy.py), committed: a real edit on the CPU without the real weights
+PROXY_DIR = weights.PROJECT_ROOT / "flux" / "proxy_weights"
 
 
-def default_weights_dir() -> tuple[Path, bool]:
-    """(directory, is_real): ./weights when complete, else the embedded tiny model (generated on first use)."""
+def default_weights_dir() -> tuple[Path, str]:
+    """(directory, kind): ./weights when complete ("real"), else the committed trained proxy ("proxy"),
+    else the tiny random model generated on first use ("tiny")."""
     if not weights.problems(weights.DEFAULT_WEIGHTS_DIR):
-        return weights.DEFAULT_WEIGHTS_DIR, True
+        return weights.DEFAULT_WEIGHTS_DIR, "real"
+    if PROXY_DIR.is_dir() and not weights.problems(PROXY_DIR):
+        return PROXY_DIR, "proxy"
     if weights.problems(TINY_DIR):
         from flux.tiny import make_tiny_weights
 
         make_tiny_weights(TINY_DIR)
-    return TINY_DIR, False
+    return TINY_DIR, "tiny"
+
+
+BANNERS = {
+    "proxy": (
+        "No real weights in ./weights: running the small PROXY model trained on procedural edits\n"
+        "! (64x64 scenes of a circle and a square; it knows: " + "{prompts}).\n"
+        "! Fetch the real FLUX.1 Kontext [dev] weights with: python scripts/download_weights.py"
+    ),
+    "tiny": (
+        "No real weights in ./weights: running the TINY RANDOM model (the output is noise-like).\n"
+        "! Fetch the real weights with: python scripts/download_weights.py"
+    ),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,20 +75,19 @@ def edit_command(args: argparse.Namespace) -> int:
     from flux.pipeline import load_model, run_edit
 
     if args.weights is None:
-        weights_dir, real = default_weights_dir()
-        if not real:
-            banner = "!" * 78
-            print(
-                f"{banner}\n! No real weights in ./weights: running the TINY RANDOM model ({weights_dir}).\n"
-                "! The output is noise-like; fetch the real weights with: python scripts/download_weights.py\n"
-                f"{banner}",
-                file=sys.stderr,
-            )
+        weights_dir, kind = default_weights_dir()
+        if kind != "real":
+            from flux.lab.scenes import PROMPTS
+
+            line = "!" * 78
+            text = BANNERS[kind].format(prompts="; ".join(PROMPTS))
+            print(f"{line}\n! {text}\n! Weights: {weights_dir}\n{line}", file=sys.stderr)
     else:
         weights_dir = args.weights
     start = time.perf_counter()
     model = load_model(weights_dir, with_safety=not args.no_safety_checker)
-    print(f"load: {time.perf_counter() - start:.2f}s ({weights_dir})", file=sys.stderr)
+    phases = ", ".join(f"{k} {v:.2f}s" for k, v in model.seconds.items())
+    print(f"load: {time.perf_counter() - start:.2f}s ({phases}; {weights_dir})", file=sys.stderr)
     bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr)
 
     def on_step(i: int, total: int, computed: bool) -> None:

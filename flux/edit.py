@@ -46,6 +46,13 @@ class EditSettings:
     acceleration: str = DEFAULT_ACCELERATION
     n_derivatives: int = DEFAULT_N_DERIVATIVES
     taylor_units: str = "steps"
+    # lab options: "newton" extrapolation instead of TaylorSeer; the cache's dtype (None = float32);
+    # caching the whole output, conditioning tokens included (the public reference's behaviour)
+    forecaster: str = "taylor"
+    cache_dtype: torch.dtype | None = None
+    cache_all_tokens: bool = False
+    # a computed-step map of the same length instead of the level's (the lab compares maps)
+    step_map: list[bool] | None = None
     # (width, height) of the conditioning image; None picks the preferred Kontext resolution
     condition_size: tuple[int, int] | None = None
 
@@ -95,16 +102,24 @@ class _Timer:
         self.into[self.name] = self.into.get(self.name, 0.0) + time.perf_counter() - self.start
 
 
+def base_side(c: Components) -> int:
+    """The model's native image side (its VAE's sample_size): 1024 for FLUX.1 Kontext."""
+    side = c.vae.config.get("sample_size", sizes.BASE_SIDE)
+    return int(side[0] if isinstance(side, list | tuple) else side)
+
+
 def encode_prompt(c: Components, prompt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(T5 embeddings (1, 512, D), CLIP pooled (1, P), text ids (512, 3))."""
     clip = c.tokenizer(
         [prompt], padding="max_length", max_length=c.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     )
     pooled = c.text_encoder(clip.input_ids.to(c.device), output_hidden_states=False).pooler_output
-    t5 = c.tokenizer_2([prompt], padding="max_length", max_length=T5_MAX_TOKENS, truncation=True, return_tensors="pt")
+    # 512 for the real model; a small model's tokenizer may declare fewer
+    max_tokens = min(T5_MAX_TOKENS, c.tokenizer_2.model_max_length)
+    t5 = c.tokenizer_2([prompt], padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt")
     full_length = len(c.tokenizer_2(prompt).input_ids)
-    if full_length > T5_MAX_TOKENS:
-        log.warning("prompt is %d tokens long; only the first %d are used", full_length, T5_MAX_TOKENS)
+    if full_length > max_tokens:
+        log.warning("prompt is %d tokens long; only the first %d are used", full_length, max_tokens)
     embeds = c.text_encoder_2(t5.input_ids.to(c.device), output_hidden_states=False)[0]
     text_ids = torch.zeros(embeds.shape[1], 3, device=c.device, dtype=c.dtype)
     return embeds.to(c.dtype), pooled.to(c.dtype), text_ids
@@ -169,10 +184,11 @@ def denoise(
     sigmas: torch.Tensor,
     guidance: float,
     step_map: list[bool],
-    cache: taylor_utils.TaylorCache,
+    cache: taylor_utils.TaylorCache | taylor_utils.NewtonCache,
     report: EditReport,
     taylor_units: str = "steps",
     on_step: StepCallback | None = None,
+    cache_all_tokens: bool = False,
 ) -> torch.Tensor:
     """The flow-matching Euler loop; computed steps run the transformer, skipped steps are forecast.
 
@@ -204,11 +220,11 @@ def denoise(
                 prediction = output[:, :num_tokens]
                 report.transformer_calls += 1
                 if not all(step_map[i + 1 :]):
-                    cache.update(prediction, position)
+                    cache.update(output if cache_all_tokens else prediction, position)
                     report.cache_bytes = max(report.cache_bytes, cache.nbytes())
         else:
             with _Timer(c.device, timers, "forecast"):
-                prediction = cache.forecast(position)
+                prediction = cache.forecast(position)[:, :num_tokens]
             report.forecast_steps.append(i)
         dt = sigmas_list[i + 1] - sigmas_list[i]
         latents = (latents.float() + dt * prediction.float()).to(latents.dtype)
@@ -250,11 +266,11 @@ def edit(c: Components, image: Image.Image, settings: EditSettings, on_step: Ste
     check_settings(settings)
     report = EditReport(seed=settings.seed, acceleration=settings.acceleration, num_steps=settings.num_steps)
     seconds = report.seconds
-    cache = taylor_utils.TaylorCache(n_derivatives=settings.n_derivatives)
+    cache = taylor_utils.make_cache(settings.forecaster, settings.n_derivatives, settings.cache_dtype)
     try:
         with _Timer(c.device, seconds, "encode"):
             prompt_embeds, pooled, text_ids = encode_prompt(c, settings.prompt)
-            cond_w, cond_h = settings.condition_size or sizes.conditioning_size(*image.size)
+            cond_w, cond_h = settings.condition_size or sizes.conditioning_size(*image.size, base_side(c))
             image_latents, image_ids = encode_image(c, images.resize(image, cond_w, cond_h))
             latents = initial_noise(c, settings.seed, settings.width, settings.height)
             target_ids = position_ids(
@@ -262,11 +278,11 @@ def edit(c: Components, image: Image.Image, settings: EditSettings, on_step: Ste
             )
             ids = torch.cat([target_ids, image_ids], dim=0)
             sigmas = schedule.sigmas_for(c.scheduler, settings.num_steps, latents.shape[1])
-        step_map = taylor_utils.compute_step_map(settings.acceleration, settings.num_steps)
+        step_map = settings.step_map or taylor_utils.compute_step_map(settings.acceleration, settings.num_steps)
         with _Timer(c.device, seconds, "denoise"):
             latents = denoise(
                 c, latents, image_latents, ids, prompt_embeds, pooled, text_ids, sigmas, settings.guidance,
-                step_map, cache, report, settings.taylor_units, on_step,
+                step_map, cache, report, settings.taylor_units, on_step, settings.cache_all_tokens,
             )  # fmt: skip
         _check_finite(latents, "final latents")
         with _Timer(c.device, seconds, "decode"):

@@ -3,15 +3,19 @@ check the weights, load the model, parse the input, size the output, edit, check
 
 from __future__ import annotations
 
+import io
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from flux import images, sizes, weights
-from flux.edit import EditResult, EditSettings, StepCallback, edit
+from flux.edit import EditResult, EditSettings, StepCallback, base_side, edit
 from flux.errors import EditError
+from flux.fast import optimize
 from flux.loading import Components, load_components
 from flux.safety import SafetyChecker, is_flagged, load_safety_checker
 
@@ -23,16 +27,38 @@ class Model:
     components: Components
     safety: SafetyChecker | None
     weights_dir: Path
-    load_seconds: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    fast_path: dict[str, object] = field(default_factory=dict)
 
 
-def load_model(weights_dir: str | Path, with_safety: bool = True) -> Model:
-    """Verify the tree against its manifest (fails listing what is missing), then load it."""
+def load_model(weights_dir: str | Path, with_safety: bool = True, fast: bool = True) -> Model:
+    """Verify the tree against its manifest (fails listing what is missing), load it, apply the GPU fast path."""
+    start = time.perf_counter()
     weights.require_complete(weights_dir)
+    seconds = {"check": time.perf_counter() - start}
     start = time.perf_counter()
     components = load_components(weights_dir)
     safety = load_safety_checker(weights_dir, components.device, components.dtype) if with_safety else None
-    return Model(components, safety, Path(weights_dir), time.perf_counter() - start)
+    seconds["load"] = time.perf_counter() - start
+    model = Model(components, safety, Path(weights_dir), seconds)
+    if fast:
+        start = time.perf_counter()
+        model.fast_path = optimize(components)
+        seconds["fast_path"] = time.perf_counter() - start
+    return model
+
+
+def warm_up(model: Model, output_sizes: list[tuple[int, int]]) -> float:
+    """One short edit per output size (with a same-sized input), so compiled kernels exist before the first request."""
+    start = time.perf_counter()
+    for width, height in output_sizes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height), (128, 128, 128)).save(buffer, format="PNG")
+        image = images.load_image(buffer.getvalue())
+        settings = EditSettings(prompt="warm up", width=width, height=height, seed=0, num_steps=4)
+        edit(model.components, image, settings)
+    model.seconds["warm_up"] = time.perf_counter() - start
+    return model.seconds["warm_up"]
 
 
 def new_seed() -> int:
@@ -54,7 +80,7 @@ def run_edit(
 ) -> EditResult:
     """One edit from an image file (or its bytes); a seed of None draws a random one, 0 is a seed."""
     image = images.load_image(image_source)
-    width, height = sizes.output_size(aspect_ratio, *image.size)
+    width, height = sizes.output_size(aspect_ratio, *image.size, base_side(model.components))
     seed = new_seed() if seed is None else int(seed)
     log.info("seed %d, %dx%d output, acceleration %r, %d steps", seed, width, height, acceleration, num_steps)
     result = edit(

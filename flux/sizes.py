@@ -6,7 +6,10 @@ import math
 
 # Multiple of every side: 8x VAE downsampling times the 2x2 latent packing.
 MULTIPLE = 16
-TARGET_AREA = 1024 * 1024
+# The model's native side: FLUX.1 Kontext works at about 1024x1024 (its VAE's sample_size);
+# a small trained proxy declares a smaller one, and every size below scales with it.
+BASE_SIDE = 1024
+TARGET_AREA = BASE_SIDE * BASE_SIDE
 
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "1:1": (1, 1),
@@ -50,16 +53,18 @@ PREFERRED_KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
 )
 
 
-def size_for_ratio(ratio: float, area: int = TARGET_AREA) -> tuple[int, int]:
-    """(width, height) of about ``area`` pixels with width/height close to ``ratio``, multiples of 16."""
+def _snap(value: float) -> int:
+    return max(MULTIPLE, round(value / MULTIPLE) * MULTIPLE)
+
+
+def size_for_ratio(ratio: float, base: int = BASE_SIDE) -> tuple[int, int]:
+    """(width, height) of about base x base pixels with width/height close to ``ratio``, multiples of 16."""
     ratio = min(max(ratio, MIN_RATIO), MAX_RATIO)
-    width = round(math.sqrt(area * ratio) / MULTIPLE) * MULTIPLE
-    height = round(math.sqrt(area / ratio) / MULTIPLE) * MULTIPLE
-    return max(width, MULTIPLE), max(height, MULTIPLE)
+    return _snap(base * math.sqrt(ratio)), _snap(base / math.sqrt(ratio))
 
 
-def output_size(aspect_ratio: str, input_width: int, input_height: int) -> tuple[int, int]:
-    """Output (width, height): about 1 MP, multiples of 16.
+def output_size(aspect_ratio: str, input_width: int, input_height: int, base: int = BASE_SIDE) -> tuple[int, int]:
+    """Output (width, height): about 1 MP (base x base), multiples of 16.
 
     ``match_input_image`` keeps the input's aspect ratio, clamped to the range of the
     explicit choices (9:21 to 21:9) so that extreme inputs still give a usable image.
@@ -67,15 +72,18 @@ def output_size(aspect_ratio: str, input_width: int, input_height: int) -> tuple
     if aspect_ratio == MATCH_INPUT:
         if input_width < 1 or input_height < 1:
             raise ValueError(f"input image has no pixels ({input_width}x{input_height})")
-        return size_for_ratio(input_width / input_height)
+        return size_for_ratio(input_width / input_height, base)
     if aspect_ratio not in ASPECT_RATIOS:
         raise ValueError(f"aspect_ratio must be one of {', '.join(ASPECT_RATIO_CHOICES)}; got {aspect_ratio!r}")
     w, h = ASPECT_RATIOS[aspect_ratio]
-    return size_for_ratio(w / h)
+    return size_for_ratio(w / h, base)
 
 
-def conditioning_size(input_width: int, input_height: int) -> tuple[int, int]:
-    """The preferred Kontext resolution closest in aspect ratio to the input (as diffusers picks it)."""
+def conditioning_size(input_width: int, input_height: int, base: int = BASE_SIDE) -> tuple[int, int]:
+    """The preferred Kontext resolution closest in aspect ratio to the input (as diffusers picks it),
+    scaled to the model's base side."""
     ratio = input_width / input_height
     _, width, height = min((abs(ratio - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
-    return width, height
+    if base == BASE_SIDE:
+        return width, height
+    return _snap(width * base / BASE_SIDE), _snap(height * base / BASE_SIDE)

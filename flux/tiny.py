@@ -1,4 +1,4 @@
-"""A tiny random FLUX.1-Kontext-dev in exactly the real on-disk layout, generated offline.
+"""Random FLUX.1-Kontext-dev models: the tiny one in exactly the real on-disk layout, generated offline.
 
 Same directories, file names (sharded like the real repository), config keys and
 tokenizer files as the real weights, so it loads through the same code path. Sizes are
@@ -96,7 +96,7 @@ def write_clip_tokenizer(out: Path) -> int:
     return len(vocab)
 
 
-def write_t5_tokenizer(out: Path) -> int:
+def write_t5_tokenizer(out: Path, model_max_length: int = 512) -> int:
     """T5 tokenizer files (spiece.model, tokenizer.json, configs) from a small trained Unigram model."""
     import sentencepiece as spm
     from transformers import T5TokenizerFast
@@ -117,7 +117,7 @@ def write_t5_tokenizer(out: Path) -> int:
     )
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     pieces = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
-    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=100, model_max_length=512)
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=100, model_max_length=model_max_length)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)
     (out / "spiece.model").write_bytes(model.getvalue())
@@ -146,44 +146,109 @@ def _shard(directory: Path, weights_name: str, shards: int) -> None:
     (directory / f"{weights_name}.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
-def make_tiny_weights(out_dir: str | Path, seed: int = 0, safety: str = "pass") -> Path:
-    """Write the tiny model to ``out_dir``; ``safety="flag"`` makes the safety checker flag every image."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+# Random-weight models of three sizes, built from the real configurations:
+#   tiny     every component tiny (tests, the embedded default)
+#   cpu-mid  a mid-size transformer (hidden 768, 4 double + 8 single blocks) with the tiny VAE and
+#            text encoders, so that the denoise loop dominates a CPU benchmark
+#   full     the real architecture (12B transformer, T5-XXL, CLIP-L, the real VAE), for a GPU
+PRESETS: dict[str, dict[str, dict]] = {
+    "tiny": {
+        "transformer": {
+            **TINY_TRANSFORMER,
+            "pooled_projection_dim": TINY_CLIP["hidden_size"],
+            "joint_attention_dim": TINY_T5["d_model"],
+        },
+        "vae": TINY_VAE,
+        "clip": TINY_CLIP,
+        "t5": TINY_T5,
+    },
+    "cpu-mid": {
+        "transformer": {
+            "attention_head_dim": 128,
+            "num_attention_heads": 6,
+            "num_layers": 4,
+            "num_single_layers": 8,
+            "pooled_projection_dim": TINY_CLIP["hidden_size"],
+            "joint_attention_dim": TINY_T5["d_model"],
+        },
+        "vae": TINY_VAE,
+        "clip": TINY_CLIP,
+        "t5": TINY_T5,
+    },
+    "full": {"transformer": {}, "vae": {}, "clip": {}, "t5": {}},
+}
+
+
+def build_models(
+    preset: str, clip_vocab: int, t5_vocab: int, seed: int = 0, device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.nn.Module]:  # fmt: skip
+    """Random text encoders, transformer and VAE of a preset, created directly on ``device`` in ``dtype``."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    sizes = PRESETS[preset]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(seed)
+            clip = {**arch.CLIP_TEXT, **sizes["clip"]}
+            clip["vocab_size"] = max(clip["vocab_size"], clip_vocab) if preset == "full" else clip_vocab
+            text_encoder = CLIPTextModel(CLIPTextConfig(**clip))
+            torch.manual_seed(seed + 1)
+            t5 = {**arch.T5_ENCODER, **sizes["t5"]}
+            t5["vocab_size"] = max(t5["vocab_size"], t5_vocab) if preset == "full" else t5_vocab
+            text_encoder_2 = T5EncoderModel(T5Config(**t5))
+            torch.manual_seed(seed + 2)
+            transformer = FluxTransformer2DModel(**{**arch.TRANSFORMER, **sizes["transformer"]})
+            torch.manual_seed(seed + 3)
+            vae = AutoencoderKL(**{**arch.VAE, **sizes["vae"]})
+    finally:
+        torch.set_default_dtype(previous)
+    models = dict(text_encoder=text_encoder, text_encoder_2=text_encoder_2, transformer=transformer, vae=vae)
+    return {name: model.eval() for name, model in models.items()}
+
+
+def random_components(
+    preset: str, device: torch.device, dtype: torch.dtype, tokenizer_dir: str | Path, seed: int = 0
+):  # fmt: skip
+    """In-memory Components of a preset (for benchmarks: speed does not depend on weight values)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    from flux.loading import Components
+
+    root = Path(tokenizer_dir)
+    clip_vocab = write_clip_tokenizer(root / "tokenizer")
+    t5_vocab = write_t5_tokenizer(root / "tokenizer_2")
+    models = build_models(preset, clip_vocab, t5_vocab, seed, device, dtype)
+    return Components(
+        **models,
+        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        tokenizer_2=T5TokenizerFast.from_pretrained(root / "tokenizer_2"),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(arch.SCHEDULER),
+        device=torch.device(device),
+        dtype=dtype,
+    )
+
+
+def write_common(out: Path, seed: int = 0, safety: str = "pass", t5_max_length: int = 512) -> tuple[int, int]:
+    """Everything of a tree but the four models: model_index, scheduler, tokenizers, safety checker.
+
+    Returns the CLIP and T5 vocabulary sizes. ``safety="flag"`` makes the checker flag every image.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPConfig, CLIPImageProcessorPil
 
     if safety not in ("pass", "flag"):
         raise ValueError(f"safety must be 'pass' or 'flag'; got {safety!r}")
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "model_index.json").write_text(json.dumps(arch.MODEL_INDEX, indent=2))
-
     FlowMatchEulerDiscreteScheduler.from_config(arch.SCHEDULER).save_pretrained(out / "scheduler")
-
     clip_vocab = write_clip_tokenizer(out / "tokenizer")
-    t5_vocab = write_t5_tokenizer(out / "tokenizer_2")
-
-    torch.manual_seed(seed)
-    clip_config = CLIPTextConfig(**{**arch.CLIP_TEXT, **TINY_CLIP, "vocab_size": clip_vocab})
-    CLIPTextModel(clip_config).save_pretrained(out / "text_encoder")
-
-    torch.manual_seed(seed + 1)
-    t5_config = T5Config(**{**arch.T5_ENCODER, **TINY_T5, "vocab_size": t5_vocab})
-    T5EncoderModel(t5_config).save_pretrained(out / "text_encoder_2")
-    _shard(out / "text_encoder_2", "model.safetensors", 2)
-
-    torch.manual_seed(seed + 2)
-    transformer_config = {**arch.TRANSFORMER, **TINY_TRANSFORMER}
-    transformer_config["pooled_projection_dim"] = TINY_CLIP["hidden_size"]
-    transformer_config["joint_attention_dim"] = TINY_T5["d_model"]
-    FluxTransformer2DModel(**transformer_config).save_pretrained(out / "transformer")
-    _shard(out / "transformer", "diffusion_pytorch_model.safetensors", 3)
-
-    torch.manual_seed(seed + 3)
-    AutoencoderKL(**{**arch.VAE, **TINY_VAE}).save_pretrained(out / "vae")
-
+    t5_vocab = write_t5_tokenizer(out / "tokenizer_2", t5_max_length)
     torch.manual_seed(seed + 4)
     safety_config = CLIPConfig(
         text_config={**arch.SAFETY_CHECKER["text_config"], **TINY_CLIP},
@@ -199,5 +264,25 @@ def make_tiny_weights(out_dir: str | Path, seed: int = 0, safety: str = "pass") 
         checker.special_care_embeds_weights.fill_(threshold)
     checker.save_pretrained(out / "safety_checker")
     CLIPImageProcessorPil(**arch.FEATURE_EXTRACTOR).save_pretrained(out / "feature_extractor")
+    return clip_vocab, t5_vocab
+
+
+def save_models(out: Path, models: dict[str, torch.nn.Module]) -> None:
+    """The four models in the real file layout (the transformer and T5 sharded as in the real repository)."""
+    models["text_encoder"].save_pretrained(out / "text_encoder")
+    models["text_encoder_2"].save_pretrained(out / "text_encoder_2")
+    _shard(out / "text_encoder_2", "model.safetensors", 2)
+    models["transformer"].save_pretrained(out / "transformer")
+    _shard(out / "transformer", "diffusion_pytorch_model.safetensors", 3)
+    models["vae"].save_pretrained(out / "vae")
+
+
+def make_tiny_weights(out_dir: str | Path, seed: int = 0, safety: str = "pass") -> Path:
+    """Write the tiny model to ``out_dir``; ``safety="flag"`` makes the safety checker flag every image."""
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    clip_vocab, t5_vocab = write_common(out, seed, safety)
+    save_models(out, build_models("tiny", clip_vocab, t5_vocab, seed))
     write_tree_manifest(out, f"tiny random FLUX.1-Kontext-dev (seed {seed}, safety {safety}), generated by flux.tiny")
     return out

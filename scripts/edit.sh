@@ -6,13 +6,12 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 mkdir -p outputs
 if [ ! -f outputs/example-input.png ]; then
+  # a scene of the kind the proxy model was trained on, large enough for the real model too
   .venv/bin/python -c "
-from PIL import Image, ImageDraw
-image = Image.new('RGB', (1024, 768), (235, 225, 200))
-draw = ImageDraw.Draw(image)
-draw.ellipse((200, 200, 500, 500), fill=(40, 90, 200))
-draw.rectangle((600, 300, 850, 550), fill=(200, 60, 40))
-image.save('outputs/example-input.png')"
+import numpy as np
+from PIL import Image
+from flux.lab.scenes import make_scene
+Image.fromarray(make_scene(np.random.default_rng(7)).image).resize((512, 512), Image.NEAREST).save('outputs/example-input.png')"
 fi
 if [ $# -eq 0 ]; then
   set -- --image outputs/example-input.png --prompt "make the circle red" --out outputs/example-output.png --seed 0

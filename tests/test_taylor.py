@@ -214,3 +214,21 @@ def test_levels_differ_but_stay_close_to_none(components):
 def test_taylor_units_both_run(components, units):
     result = edit(components, random_image(32, 32), _settings(acceleration="go really fast", taylor_units=units))
     assert result.report.transformer_calls == 13
+
+
+@pytest.mark.parametrize("trial", range(10))
+def test_newton_interpolation_is_exact_for_polynomials_up_to_its_order(trial):
+    rng = random.Random(500 + trial)
+    steps = rng.randint(taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS)
+    n = rng.randint(0, 3)
+    step_map = taylor_utils.compute_step_map(rng.choice(LEVELS[1:]), steps)
+    torch.manual_seed(trial)
+    coeffs = torch.randn(n + 1, 4, dtype=torch.float64)
+    positions = sorted(rng.uniform(0, 1) for _ in range(steps))
+    values = [sum(coeffs[d] * p**d for d in range(n + 1)) for p in positions]
+    cache = taylor_utils.make_cache("newton", n)
+    for i, compute in enumerate(step_map):
+        if compute:
+            cache.update(values[i], positions[i])
+        elif cache.computed_steps > n:
+            torch.testing.assert_close(cache.forecast(positions[i]), values[i], rtol=1e-6, atol=1e-8)

@@ -1,0 +1,67 @@
+"""Procedural scenes (a circle and a square on a background) and edits whose exact result is computable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+SIDE = 64
+BACKGROUNDS = [(235, 225, 200), (200, 220, 235), (215, 235, 205), (60, 60, 70), (240, 240, 240), (120, 90, 70)]
+COLOURS = [(230, 160, 30), (40, 170, 80), (150, 60, 190), (240, 230, 60), (30, 180, 200), (240, 120, 170)]
+RED = (220, 30, 30)
+BLUE = (30, 60, 220)
+
+
+@dataclass
+class Scene:
+    image: np.ndarray  # (SIDE, SIDE, 3) uint8
+    circle: np.ndarray  # bool mask
+    square: np.ndarray  # bool mask
+
+
+def make_scene(rng: np.random.Generator, side: int = SIDE) -> Scene:
+    image = np.empty((side, side, 3), np.uint8)
+    image[:] = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    y, x = np.mgrid[0:side, 0:side]
+    while True:
+        r = int(rng.integers(side // 9, side // 5))
+        cx, cy = (int(v) for v in rng.integers(r + 1, side - r - 1, 2))
+        s = int(rng.integers(side // 5, side // 3))
+        sx, sy = (int(v) for v in rng.integers(1, side - s - 1, 2))
+        circle = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+        square = (x >= sx) & (x < sx + s) & (y >= sy) & (y < sy + s)
+        if not (circle & square).any():
+            break
+    circle_colour, square_colour = rng.choice(len(COLOURS), 2, replace=False)
+    image[circle] = COLOURS[circle_colour]
+    image[square] = COLOURS[square_colour]
+    return Scene(image, circle, square)
+
+
+def _recolour(mask_name: str, colour: tuple[int, int, int]) -> Callable[[Scene], np.ndarray]:
+    def apply(scene: Scene) -> np.ndarray:
+        out = scene.image.copy()
+        out[getattr(scene, mask_name)] = colour
+        return out
+
+    return apply
+
+
+EDITS: dict[str, Callable[[Scene], np.ndarray]] = {
+    "flip the image horizontally": lambda s: s.image[:, ::-1].copy(),
+    "flip the image vertically": lambda s: s.image[::-1].copy(),
+    "invert the colours": lambda s: 255 - s.image,
+    "rotate the image 90 degrees": lambda s: np.rot90(s.image).copy(),
+    "make the circle red": _recolour("circle", RED),
+    "make the square blue": _recolour("square", BLUE),
+}
+PROMPTS = list(EDITS)
+
+
+def make_example(rng: np.random.Generator, prompt: str | None = None) -> tuple[np.ndarray, str, np.ndarray]:
+    """(input image, instruction, exact target image)."""
+    scene = make_scene(rng)
+    prompt = prompt or PROMPTS[rng.integers(len(PROMPTS))]
+    return scene.image, prompt, EDITS[prompt](scene)

@@ -1,0 +1,58 @@
+"""The quality lab: a few seconds of training, then the evaluation on a handful of edits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from flux import weights
+from flux.lab.evaluate import evaluate, even_map, ssim, write
+from flux.lab.scenes import EDITS, PROMPTS, make_scene
+from flux.lab.train import QUICK, train_proxy
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory):
+    return train_proxy(tmp_path_factory.mktemp("proxy") / "weights", QUICK, log=lambda line: None)
+
+
+def test_edits_are_exact():
+    scene = make_scene(np.random.default_rng(0))
+    assert np.array_equal(EDITS["flip the image horizontally"](scene), scene.image[:, ::-1])
+    assert np.array_equal(EDITS["invert the colours"](scene), 255 - scene.image)
+    red = EDITS["make the circle red"](scene)
+    assert (red[scene.circle] == (220, 30, 30)).all() and np.array_equal(red[~scene.circle], scene.image[~scene.circle])
+
+
+def test_proxy_is_in_the_real_layout(proxy):
+    assert weights.problems(proxy) == []
+    for entry in weights.load_manifest()["files"]:
+        assert (proxy / entry["path"]).is_file()
+    assert json.loads((proxy / "training.json").read_text())["config"]["steps"] == QUICK.steps
+
+
+def test_evaluation_report_structure(proxy, tmp_path):
+    result = evaluate(proxy, edits=2, log=lambda line: None)
+    report = result["report"]
+    paths = write(result, tmp_path)
+    assert paths["grid"].read_bytes()[:4] == b"\x89PNG"
+    assert set(report["baselines"]) == {"identity_psnr_to_target", "none_psnr_to_target", "vae_ceiling_psnr_to_target"}
+    methods = {(m["method"], m["level"]) for m in report["methods"]}
+    assert ("TaylorSeer n=2, step units (product default)", "go fast") in methods
+    assert ("diffusers TaylorSeer hook (lite)", "go really fast") in methods
+    assert ("reuse last prediction (n=0)", "go fast") in methods
+    for m in report["methods"]:
+        assert m["transformer_calls"] == {"go fast": 18, "go really fast": 13}[m["level"]]
+        assert 0 <= m["closer_than_input"] <= 1 and -1 <= m["ssim_vs_none"] <= 1
+    assert "| go fast | TaylorSeer n=2" in paths["markdown"].read_text()
+    assert len(result["samples"]) == 2 and result["samples"][0]["prompt"] == PROMPTS[0]
+
+
+def test_ssim_and_maps():
+    a = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    assert ssim(a, a) == pytest.approx(1.0)
+    assert ssim(a, 255 - a) < 0.5
+    m = even_map(28, 13)
+    assert len(m) == 28 and sum(m) == 13 and m[0] and m[-1]
