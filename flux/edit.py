@@ -192,7 +192,8 @@ def denoise(
 ) -> torch.Tensor:
     """The flow-matching Euler loop; computed steps run the transformer, skipped steps are forecast.
 
-    Only the target tokens of each prediction are used and cached.
+    Only the target tokens of each prediction are used and cached (``cache_all_tokens`` keeps the
+    public reference's whole-output cache, for the quality lab).
     """
     num_tokens = latents.shape[1]
     timesteps = sigmas[:-1] * 1000.0
