@@ -21,8 +21,6 @@ from flux.images import OUTPUT_FORMATS, save_image
 from flux.outputs import new_output_path
 from flux.pipeline import Model, load_model, run_edit, warm_up
 
-log = logging.getLogger("predict")
-
 
 class Predictor(BaseRunner):
     def setup(self) -> None:

@@ -9,6 +9,7 @@ of the real architecture measure the real speed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -188,7 +189,7 @@ def run_diffusers(c: Components, image: Image.Image, size, steps: int, seed: int
         synchronize(c.device)
         start = time.perf_counter()
         with _PeakMemory(c.device) as peak, torch.inference_mode():
-            context = c.transformer.cache_context("cond") if hook is not None else _null()
+            context = c.transformer.cache_context("cond") if hook is not None else contextlib.nullcontext()
             with context:
                 latents = pipe(
                     image=image, prompt="make the circle red", height=height, width=width,
@@ -208,14 +209,6 @@ def run_diffusers(c: Components, image: Image.Image, size, steps: int, seed: int
         calls=len(calls), denoise=marks["denoise_end"] - marks["denoise_start"], e2e=e2e, peak=peak.peak, cache=0,
         forecast_ratio=None, latents=latents, image=images.to_pil(decoded),
     )  # fmt: skip
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _summarise(method: str, level: str, runs: list[dict], note: str = "") -> MethodResult:

@@ -48,13 +48,9 @@ def assert_next_prediction_works(predictor, write):
 
 
 def outputs_dir() -> list:
-    return sorted(p.name for p in (pathlib_outputs()).iterdir())
-
-
-def pathlib_outputs():
     from flux.outputs import output_dir
 
-    return output_dir()
+    return sorted(p.name for p in output_dir().iterdir())
 
 
 @pytest.mark.parametrize(
