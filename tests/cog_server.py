@@ -50,8 +50,16 @@ class Server:
                 return e.code, json.loads(text)
             return e.code, text
 
-    def predict(self, **inputs) -> tuple[int, dict | str]:
-        return self.post("/predictions", {"input": inputs})
+    def predict(self, retry_busy: bool = True, **inputs) -> tuple[int, dict | str]:
+        """One prediction. coglet can answer 409 ("At capacity") for a moment right after it returned
+        the previous response, so a sequential client retries a 409 after a short pause, as
+        docs/failures.md tells users to."""
+        for _ in range(50):
+            status, body = self.post("/predictions", {"input": inputs})
+            if status != 409 or not retry_busy:
+                break
+            time.sleep(0.1)
+        return status, body
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

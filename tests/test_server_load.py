@@ -63,7 +63,7 @@ def test_bad_requests_fail_clearly_and_the_server_keeps_serving(server, uri, inp
     assert message in body["error"]
     assert "Traceback" not in body["error"]
     status, body = server.predict(prompt="x", input_image=uri, num_inference_steps=4, seed=0)
-    assert body["status"] == "succeeded"
+    assert body["status"] == "succeeded", body
 
 
 def test_cancel_during_denoise(server, uri):
@@ -85,17 +85,7 @@ def test_cancel_during_denoise(server, uri):
     assert body["status"] == "canceled"
     assert result["done"] - cancelled_at < 2.0  # within a step (about 0.15 s here) plus the response
     status, body = server.predict(prompt="x", input_image=uri, num_inference_steps=4, seed=0)
-    assert body["status"] == "succeeded"
-
-
-def predict_when_free(server, attempts: int = 50, **inputs):
-    """A sequential client: coglet can answer 409 for a moment after the previous response, so retry."""
-    for attempt in range(attempts):
-        status, body = server.predict(**inputs)
-        if status != 409:
-            return status, body, attempt
-        time.sleep(0.1)
-    return status, body, attempts
+    assert body["status"] == "succeeded", body
 
 
 def test_fifty_sequential_predictions_keep_memory_flat(tiny_weights, tmp_path, uri):
@@ -107,23 +97,21 @@ def test_fifty_sequential_predictions_keep_memory_flat(tiny_weights, tmp_path, u
 
 def _fifty_sequential(server, uri):
     rss = {}
-    busy_retries = 0
     for i in range(1, 51):
-        status, body, retries = predict_when_free(
-            server, prompt="x", input_image=uri, num_inference_steps=4, seed=i, output_format="jpg"
-        )
-        busy_retries += retries
+        status, body = server.predict(prompt="x", input_image=uri, num_inference_steps=4, seed=i, output_format="jpg")
         assert status == 200 and body["status"] == "succeeded", (i, body)
         if i in (10, 50):
             rss[i] = tree_rss_bytes(server.process.pid)
     growth = rss[50] - rss[10]
-    print(f"RSS after 10: {rss[10] / 2**20:.0f} MiB, after 50: {rss[50] / 2**20:.0f} MiB; busy retries {busy_retries}")
-    assert abs(growth) < 50 * 2**20
+    print(f"RSS after 10: {rss[10] / 2**20:.0f} MiB, after 50: {rss[50] / 2**20:.0f} MiB")
+    assert growth < 50 * 2**20  # falling is fine (freed allocator arenas); rising is a leak
 
 
 def test_ten_at_once_complete_or_are_refused_as_busy(server, uri):
     def one(i):
-        return server.predict(prompt="x", input_image=uri, num_inference_steps=4, seed=100 + i, output_format="png")
+        return server.predict(
+            retry_busy=False, prompt="x", input_image=uri, num_inference_steps=4, seed=100 + i, output_format="png"
+        )
 
     with ThreadPoolExecutor(10) as pool:
         results = list(pool.map(one, range(10)))
@@ -137,4 +125,4 @@ def test_ten_at_once_complete_or_are_refused_as_busy(server, uri):
             assert image.size[0] % 16 == 0
     assert server.get("/health-check")[1]["status"] == "READY"
     status, body = server.predict(prompt="x", input_image=uri, num_inference_steps=4, seed=0)
-    assert body["status"] == "succeeded"
+    assert body["status"] == "succeeded", body
