@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # One prepared GPU check (one H100, no network, at most 8 minutes): full-size random weights,
-# 1024x1024 edit of a 1024x1024 input, 28 steps, every level; eager, compiled, compiled + FP8.
-#   bash scripts/gpu_check.sh OUT_DIR      -> OUT_DIR/gpu_check.json (+ gpu_check.log)
-# Uses the machine's python and torch when they import; otherwise set up .venv first.
+# 1024x1024 edit of a 1024x1024 input, 28 steps, every level; eager, compiled, compiled + FP8;
+# then a cold start in a fresh process that reuses the compile cache.
+#   bash scripts/gpu_check.sh OUT_DIR      -> OUT_DIR/gpu_check.json, cold_start.json, gpu_check.log
+# Uses the machine's python and torch. Packages that machine lacks (diffusers, torchao) travel as
+# wheels in .whl/ (bash scripts/gpu_wheels.sh, here, with network) and are installed from there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
 PY=python3
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+if [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/torch-compile}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt" || true
 timeout 470 "$PY" -m flux.gpu_check "$out" 2>&1 | tee "$out/gpu_check.log"

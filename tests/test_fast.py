@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flux.edit import EditSettings, edit
@@ -46,3 +47,71 @@ def test_forecasts_never_recompile_the_compiled_transformer(tiny_weights, monkey
         result = edit(c, image, EditSettings(**settings, acceleration=level))
         assert torch.isfinite(result.latents).all()
     torch._dynamo.reset()
+
+
+def test_settings_defaults_bound_the_first_cold_start(monkeypatch):
+    for name in ("FLUX_COMPILE", "FLUX_COMPILE_MODE", "FLUX_FP8", "FLUX_ATTENTION", "FLUX_WARM_SIZES"):
+        monkeypatch.delenv(name, raising=False)
+    settings = FastSettings.from_env()
+    assert settings == FastSettings()
+    # max-autotune tunes kernels for minutes on a cache-less first start; it stays an opt-in
+    assert settings.compile and settings.compile_mode == "default" and settings.fp8 == "auto"
+
+
+def test_gpu_check_is_a_clear_error_on_the_cpu(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "flux.gpu_check", str(tmp_path / "out")], cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "needs a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "gpu_check.json").exists()
+
+
+def test_fp8_without_torchao_is_a_clear_error(monkeypatch):
+    import builtins
+
+    from flux.fast import quantize_fp8
+
+    real_import = builtins.__import__
+
+    def no_torchao(name, *args, **kwargs):
+        if name.startswith("torchao"):
+            raise ImportError("No module named 'torchao'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    with pytest.raises(RuntimeError, match="FP8 needs torchao"):
+        quantize_fp8(torch.nn.Linear(4, 4))
+
+
+def test_gpu_check_rehearses_on_the_cpu(tmp_path):
+    """The same code the H100 runs, at tiny size on the CPU: every mode, every level, the cold start."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "flux.gpu_check", str(out), "--preset", "tiny", "--device", "cpu"]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "gpu_check.json").read_text())
+    for mode in ("eager", "compiled"):
+        levels = report["modes"][mode]["levels"]
+        assert {level: figures["transformer_calls"] for level, figures in levels.items()} == {
+            "none": 28, "go fast": 18, "go really fast": 13
+        }  # fmt: skip
+        assert all(figures["seconds_per_edit"] > 0 and figures["peak_memory_gib"] > 0 for figures in levels.values())
+    fp8 = report["modes"]["compiled+fp8"]
+    try:
+        import torchao  # noqa: F401
+    except ImportError:  # the CPU environment has no torchao: the mode is recorded as failed, the rest ran
+        assert "FP8 needs torchao" in fp8["error"]
+    assert report["cold_start"]["rc"] == 0
+    assert set(report["cold_start"]["seconds"]) == {"build_random_weights", "fast_path", "warm_up"}
