@@ -81,7 +81,7 @@ def quantize_fp8(transformer: torch.nn.Module) -> None:
     """FP8 (e4m3) weights and dynamic per-row activation scales for every linear layer (torchao)."""
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-    except ImportError as exc:
+    except Exception as exc:  # missing, or built against another torch: either way FP8 cannot run
         raise RuntimeError(f"FP8 needs torchao (requirements-gpu.txt installs it): {exc}") from exc
 
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
