@@ -160,7 +160,7 @@ def run_project(c: Components, image: Image.Image, size, level: str, steps: int,
     return dict(
         calls=report.transformer_calls, denoise=report.seconds["denoise"], e2e=time.perf_counter() - start,
         peak=peak.peak, cache=report.cache_bytes, forecast_ratio=forecast_ratio, latents=result.latents,
-        image=result.image,
+        image=result.image, report=report,
     )  # fmt: skip
 
 

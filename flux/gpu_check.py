@@ -25,35 +25,30 @@ from pathlib import Path
 import torch
 
 import taylor_utils
-from flux.benchmark import SIZES, PeakMemory, input_image, psnr
+from flux.benchmark import SIZES, input_image, psnr, run_project
 from flux.device import release_memory, synchronize
-from flux.edit import EditSettings, edit
 from flux.fast import FastSettings, optimize, quantize_fp8
+from flux.pipeline import Model, warm_up
 from flux.tiny import random_components
 
 STEPS = 28
-WARM_UP_STEPS = 4  # compiling needs one call at the size; four calls are enough to settle
 COLD_START_IF_UNDER_S = 300  # elapsed seconds after which the cold-start process is left out
 MODES = ("eager", "compiled", "compiled+fp8")
 
 
-def _edit(c, image, size: int, level: str, steps: int = STEPS, seed: int = 0):
-    settings = EditSettings(prompt="make the circle red", width=size, height=size, seed=seed, num_steps=steps,
-                            acceleration=level, condition_size=image.size)  # fmt: skip
-    synchronize(c.device)
-    start = time.perf_counter()
-    with PeakMemory(c.device) as peak:
-        result = edit(c, image, settings)
-        synchronize(c.device)
-    seconds = time.perf_counter() - start
-    report = result.report
-    return result, {
-        "seconds_per_edit": seconds,
+def _edit(c, image, size: int, level: str, steps: int = STEPS) -> dict:
+    """One timed edit (the benchmark's measurement), in the figures this check reports."""
+    run = run_project(c, image, (size, size, *image.size), level, steps, seed=0)
+    report = run["report"]
+    return {
+        "seconds_per_edit": run["e2e"],
         "transformer_calls": report.transformer_calls,
         "seconds_per_transformer_call": report.transformer_seconds / report.transformer_calls,
         "denoise_seconds": report.seconds["denoise"],
         "phases": report.seconds,
-        "peak_memory_gib": peak.peak / 2**30,
+        "peak_memory_gib": run["peak"] / 2**30,
+        "latents": run["latents"],
+        "image": run["image"],
     }
 
 
@@ -72,10 +67,8 @@ def cold_start(out: Path, preset: str, device: torch.device) -> dict:
     start = time.perf_counter()
     applied = optimize(c, FastSettings.from_env())
     seconds["fast_path"] = time.perf_counter() - start
-    start = time.perf_counter()
     size = SIZES[preset][0]
-    _edit(c, input_image(size, size), size, "none", steps=WARM_UP_STEPS)
-    seconds["warm_up"] = time.perf_counter() - start
+    seconds["warm_up"] = warm_up(Model(c, None, Path(tempfile.gettempdir())), [(size, size)])
     figures = {"seconds": seconds, "applied": {k: str(v) for k, v in applied.items()}}
     (out / "cold_start.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
@@ -101,6 +94,7 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
     report["build_seconds"] = time.perf_counter() - start
     say(f"built the {preset} random model on {name} in {report['build_seconds']:.1f}s")
     image = input_image(size, size)
+    model = Model(c, None, Path(tempfile.gettempdir()))
     shipped = FastSettings.from_env()
     modes: dict = {}
     report["modes"] = modes
@@ -120,14 +114,14 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
         start = time.perf_counter()
         try:
             applied = prepare(mode)
-            _edit(c, image, size, "none", steps=WARM_UP_STEPS)  # compile (or first-call) cost
+            warm_up(model, [(size, size)])  # what setup() does: the compile (or first-call) cost
             warm = time.perf_counter() - start
             say(f"{mode}: ready in {warm:.1f}s ({applied})")
             modes[mode] = {"applied": {k: str(v) for k, v in applied.items()}, "warm_up_seconds": warm, "levels": {}}
             for level in taylor_utils.ACCELERATION_LEVELS:
-                result, figures = _edit(c, image, size, level)
+                figures = _edit(c, image, size, level)
+                latents[(mode, level)] = (figures.pop("latents").float().cpu(), figures.pop("image"))
                 modes[mode]["levels"][level] = figures
-                latents[(mode, level)] = (result.latents.float().cpu(), result.image)
                 say(f"{mode} / {level}: {figures['seconds_per_edit']:.2f}s per edit, "
                     f"{figures['seconds_per_transformer_call'] * 1000:.0f} ms per call")  # fmt: skip
         except Exception as exc:  # record and go on: the other modes are still worth measuring
@@ -148,7 +142,7 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
     save()
 
     if time.perf_counter() - started < COLD_START_IF_UNDER_S:
-        del c, latents
+        del c, model, latents
         release_memory(device)
         say("cold start in a fresh process, compile cache on disk")
         start = time.perf_counter()

@@ -115,17 +115,16 @@ def save_image(image: Image.Image, path: str | os.PathLike, output_format: str, 
         options["quality"] = quality
     buffer = io.BytesIO()
     image.save(buffer, format=OUTPUT_FORMATS[output_format], **options)
+    tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    except OSError as exc:
-        raise EditError(f"the output image could not be written to {path.parent}: {exc.strerror}") from None
-    try:
         with os.fdopen(fd, "wb") as f:
             f.write(buffer.getvalue())
         os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise EditError(f"the output image could not be written to {path.parent}: {exc.strerror}") from None
         raise

@@ -3,7 +3,6 @@ check the weights, load the model, parse the input, size the output, edit, check
 
 from __future__ import annotations
 
-import io
 import logging
 import secrets
 import time
@@ -52,9 +51,7 @@ def warm_up(model: Model, output_sizes: list[tuple[int, int]]) -> float:
     """One short edit per output size (with a same-sized input), so compiled kernels exist before the first request."""
     start = time.perf_counter()
     for width, height in output_sizes:
-        buffer = io.BytesIO()
-        Image.new("RGB", (width, height), (128, 128, 128)).save(buffer, format="PNG")
-        image = images.load_image(buffer.getvalue())
+        image = Image.new("RGB", (width, height), (128, 128, 128))
         settings = EditSettings(prompt="warm up", width=width, height=height, seed=0, num_steps=4)
         edit(model.components, image, settings)
     model.seconds["warm_up"] = time.perf_counter() - start
