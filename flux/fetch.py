@@ -80,10 +80,12 @@ class _Progress:
             self.bar.close()
 
 
+def _headers(token: str | None) -> dict[str, str]:
+    return {"User-Agent": USER_AGENT, **({"Authorization": f"Bearer {token}"} if token else {})}
+
+
 def _open(url: str, token: str | None, start: int, timeout: float):
-    headers = {"User-Agent": USER_AGENT}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+    headers = _headers(token)
     if start:
         headers["Range"] = f"bytes={start}-"
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
@@ -163,8 +165,7 @@ def fetch_file(
 
 
 def _remote_size(entry: dict, manifest: dict, base_url: str | None, token: str | None) -> int | None:
-    headers = {"User-Agent": USER_AGENT, **({"Authorization": f"Bearer {token}"} if token else {})}
-    request = urllib.request.Request(file_url(entry, manifest, base_url), headers=headers, method="HEAD")
+    request = urllib.request.Request(file_url(entry, manifest, base_url), headers=_headers(token), method="HEAD")
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             length = response.headers.get("Content-Length")
