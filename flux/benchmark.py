@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 import taylor_utils
 from flux import images
 from flux.device import release_memory, synchronize
-from flux.edit import EditSettings, decode, edit
+from flux.edit import T5_MAX_TOKENS, EditSettings, decode, edit
 from flux.loading import Components
 
 SIZES = {
@@ -111,11 +111,13 @@ def input_image(width: int, height: int) -> Image.Image:
     return image
 
 
-def psnr(a: Image.Image, b: Image.Image) -> float:
+def psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray, identical: float = float("inf")) -> float:
+    """PSNR in dB of two 8-bit images; ``identical`` is returned for equal ones (the lab averages
+    many, so it passes a finite value)."""
     x = np.asarray(a, dtype=np.float64)
     y = np.asarray(b, dtype=np.float64)
     mse = float(np.mean((x - y) ** 2))
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return identical if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def _pipeline(c: Components):
@@ -164,7 +166,10 @@ def run_project(c: Components, image: Image.Image, size, level: str, steps: int,
     )  # fmt: skip
 
 
-def run_diffusers(c: Components, image: Image.Image, size, steps: int, seed: int, hook: dict | None) -> dict:
+def run_diffusers(
+    c: Components, image: Image.Image, size, steps: int, seed: int, hook: dict | None,
+    prompt: str = "make the circle red",
+) -> dict:  # fmt: skip
     """FluxKontextPipeline, optionally with diffusers' TaylorSeer hook (inside a cache context)."""
     from diffusers import TaylorSeerCacheConfig
 
@@ -192,10 +197,11 @@ def run_diffusers(c: Components, image: Image.Image, size, steps: int, seed: int
             context = c.transformer.cache_context("cond") if hook is not None else contextlib.nullcontext()
             with context:
                 latents = pipe(
-                    image=image, prompt="make the circle red", height=height, width=width,
+                    image=image, prompt=prompt, height=height, width=width,
                     num_inference_steps=steps, guidance_scale=2.5, max_area=width * height, _auto_resize=False,
                     generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
                     callback_on_step_end=step_end,
+                    max_sequence_length=min(T5_MAX_TOKENS, c.tokenizer_2.model_max_length),
                 ).images  # fmt: skip
             decoded = decode(c, latents, width, height)
         synchronize(c.device)

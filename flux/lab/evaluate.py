@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import taylor_utils
+from flux import benchmark
 from flux.edit import EditSettings, edit
 from flux.lab.scenes import PROMPTS, SIDE, make_example
 from flux.loading import Components, load_components
@@ -28,8 +29,7 @@ LEVELS = ("go fast", "go really fast")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 100.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    return benchmark.psnr(a, b, identical=100.0)  # finite, so that means over many edits stay finite
 
 
 def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
@@ -68,7 +68,6 @@ class Method:
 def methods_for(level: str) -> list[Method]:
     calls = taylor_utils.compute_step_count(level, STEPS)
     bf16 = torch.bfloat16
-    from flux.benchmark import HOOK_SETTINGS
 
     return [
         Method("TaylorSeer n=2, step units (product default)", level, {"n_derivatives": 2}),
@@ -89,11 +88,11 @@ def methods_for(level: str) -> list[Method]:
         ),  # fmt: skip
         Method("TaylorSeer n=2, evenly spread map", level, {"n_derivatives": 2, "step_map": even_map(STEPS, calls)}),
         Method(f"fewer steps ({calls}, no cache)", level, {"num_steps": calls, "acceleration": "none"}),
-        Method("diffusers TaylorSeer hook", level, diffusers_hook={**HOOK_SETTINGS[level], "max_order": 2}),
+        Method("diffusers TaylorSeer hook", level, diffusers_hook={**benchmark.HOOK_SETTINGS[level], "max_order": 2}),
         Method(
             "diffusers TaylorSeer hook (lite)",
             level,
-            diffusers_hook={**HOOK_SETTINGS[level], "max_order": 2, "use_lite_mode": True},
+            diffusers_hook={**benchmark.HOOK_SETTINGS[level], "max_order": 2, "use_lite_mode": True},
         ),  # fmt: skip
     ]
 
@@ -107,25 +106,8 @@ def run_method(c: Components, image: Image.Image, prompt: str, seed: int, method
 
 
 def _run_hook(c: Components, image: Image.Image, prompt: str, seed: int, hook: dict) -> np.ndarray:
-    from diffusers import TaylorSeerCacheConfig
-
-    from flux import images
-    from flux.benchmark import _pipeline
-    from flux.edit import decode
-
-    pipe = _pipeline(c)
-    c.transformer.enable_cache(TaylorSeerCacheConfig(taylor_factors_dtype=c.dtype, **hook))
-    try:
-        with torch.inference_mode(), c.transformer.cache_context("cond"):
-            latents = pipe(
-                image=image, prompt=prompt, height=SIDE, width=SIDE, num_inference_steps=STEPS, guidance_scale=2.5,
-                max_area=SIDE * SIDE, _auto_resize=False, generator=torch.Generator("cpu").manual_seed(seed),
-                output_type="latent", max_sequence_length=c.tokenizer_2.model_max_length,
-            ).images  # fmt: skip
-            decoded = decode(c, latents, SIDE, SIDE)
-    finally:
-        c.transformer.disable_cache()
-    return np.asarray(images.to_pil(decoded))
+    run = benchmark.run_diffusers(c, image, (SIDE, SIDE, *image.size), STEPS, seed, hook, prompt=prompt)
+    return np.asarray(run["image"])
 
 
 def evaluate(
