@@ -13,13 +13,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flux.benchmark import components_for, markdown_table, run_benchmark, write_report  # noqa: E402
+from flux.benchmark import SIZES, components_for, markdown_table, run_benchmark, write_report  # noqa: E402
 from flux.device import dtype_for, pick_device  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["tiny", "cpu-mid", "full"], default="tiny")
+    parser.add_argument("--size", choices=list(SIZES), default="tiny")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("results"))
