@@ -214,21 +214,26 @@ def random_components(
     preset: str, device: torch.device, dtype: torch.dtype, tokenizer_dir: str | Path, seed: int = 0
 ):  # fmt: skip
     """In-memory Components of a preset (for benchmarks: speed does not depend on weight values)."""
+    root = Path(tokenizer_dir)
+    clip_vocab = write_clip_tokenizer(root / "tokenizer")
+    t5_vocab = write_t5_tokenizer(root / "tokenizer_2")
+    models = build_models(preset, clip_vocab, t5_vocab, seed, device, dtype)
+    return components_of(models, root, torch.device(device), dtype)
+
+
+def components_of(models: dict[str, torch.nn.Module], tokenizer_dir: Path, device: torch.device, dtype: torch.dtype):
+    """Components of in-memory models, with the tokenizers written under ``tokenizer_dir``."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     from flux.loading import Components
 
-    root = Path(tokenizer_dir)
-    clip_vocab = write_clip_tokenizer(root / "tokenizer")
-    t5_vocab = write_t5_tokenizer(root / "tokenizer_2")
-    models = build_models(preset, clip_vocab, t5_vocab, seed, device, dtype)
     return Components(
         **models,
-        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
-        tokenizer_2=T5TokenizerFast.from_pretrained(root / "tokenizer_2"),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer"),
+        tokenizer_2=T5TokenizerFast.from_pretrained(tokenizer_dir / "tokenizer_2"),
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(arch.SCHEDULER),
-        device=torch.device(device),
+        device=device,
         dtype=dtype,
     )
 

@@ -72,20 +72,6 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def _components(root: Path, models: dict) -> Components:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from transformers import CLIPTokenizer, T5TokenizerFast
-
-    return Components(
-        **models,
-        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
-        tokenizer_2=T5TokenizerFast.from_pretrained(root / "tokenizer_2"),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-    )
-
-
 def train_vae(vae, images: np.ndarray, config: TrainConfig, log: Callable[[str], None]) -> dict:
     generator = torch.Generator().manual_seed(config.seed + 10)
     optimiser = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
@@ -181,7 +167,7 @@ def train_proxy(out_dir: str | Path, config: TrainConfig | None = None, log: Cal
         shutil.rmtree(out)
     clip_vocab, t5_vocab = tiny.write_common(out, config.seed, "pass", PROXY_T5_TOKENS)
     models = tiny.build_models("proxy", clip_vocab, t5_vocab, config.seed)
-    c = _components(out, models)
+    c = tiny.components_of(models, out, torch.device("cpu"), torch.float32)
 
     rng = np.random.default_rng(config.seed)
     examples = [make_example(rng, PROMPTS[i % len(PROMPTS)]) for i in range(config.examples)]
