@@ -218,16 +218,17 @@ def contract_violations(snapshot: dict, current: dict) -> list[str]:
     old_required = set(old_schemas["Input"].get("required", []))
     problems = []
 
+    def enum(schemas: dict, prop: dict) -> dict | None:
+        """The enumeration schema a choices input refers to."""
+        return schemas[prop["allOf"][0]["$ref"].rsplit("/", 1)[1]] if "allOf" in prop else None
+
     def kind(schemas: dict, prop: dict) -> tuple:
-        if "allOf" in prop:
-            enum = schemas[prop["allOf"][0]["$ref"].rsplit("/", 1)[1]]
-            return (enum["type"], None)
-        return (prop.get("type"), prop.get("format"))
+        choices_of = enum(schemas, prop)
+        return (choices_of["type"], None) if choices_of else (prop.get("type"), prop.get("format"))
 
     def choices(schemas: dict, prop: dict) -> list:
-        if "allOf" not in prop:
-            return []
-        return schemas[prop["allOf"][0]["$ref"].rsplit("/", 1)[1]]["enum"]
+        choices_of = enum(schemas, prop)
+        return choices_of["enum"] if choices_of else []
 
     for name, old in old_inputs.items():
         if name not in new_inputs:
