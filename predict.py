@@ -15,6 +15,7 @@ from cog import BaseRunner, Input, Path
 import taylor_utils
 from flux import sizes
 from flux.device import release_memory
+from flux.edit import MAX_SEED
 from flux.errors import InputError
 from flux.fast import FastSettings
 from flux.images import OUTPUT_FORMATS, save_image
@@ -46,7 +47,12 @@ class Predictor(BaseRunner):
             description="Number of denoising steps", ge=taylor_utils.MIN_STEPS, le=taylor_utils.MAX_STEPS, default=28
         ),
         guidance: float = Input(description="How closely to follow the prompt", ge=0.0, le=10.0, default=2.5),
-        seed: int | None = Input(description="Random seed; leave blank for a random one (0 is a seed)", default=None),
+        seed: int | None = Input(
+            description=f"Random seed, 0 to {MAX_SEED}; leave blank for a random one (0 is a seed)",
+            ge=0,
+            le=MAX_SEED,
+            default=None,
+        ),
         acceleration: str = Input(
             description="Speed-up by TaylorSeer forecasting of skipped transformer steps",
             choices=list(taylor_utils.ACCELERATION_LEVELS),

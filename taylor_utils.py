@@ -59,12 +59,20 @@ def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @dataclass
-class _Cache:
-    """What every forecasting cache shares: its order and the dtype it holds its tensors in."""
+class TaylorCache:
+    """Finite-difference derivatives of one prediction, reset for every edit.
+
+    ``position`` is the coordinate a step lives at: the step index (the method as
+    published) or, for example, the timestep; the window and the forecast distance
+    are measured in the same unit.
+    """
 
     n_derivatives: int = 1
     # storage and accumulation dtype; None keeps float32 (float64 for float64 predictions)
     dtype: torch.dtype | None = None
+    d_current: list[torch.Tensor | None] = field(default_factory=list)
+    computed_steps: int = 0
+    last_position: float | None = None
 
     def __post_init__(self) -> None:
         if self.n_derivatives < 0:
@@ -74,23 +82,6 @@ class _Cache:
     @property
     def order(self) -> int:
         return self.n_derivatives + 1
-
-    def reset(self) -> None:
-        raise NotImplementedError
-
-
-@dataclass
-class TaylorCache(_Cache):
-    """Finite-difference derivatives of one prediction, reset for every edit.
-
-    ``position`` is the coordinate a step lives at: the step index (the method as
-    published) or, for example, the timestep; the window and the forecast distance
-    are measured in the same unit.
-    """
-
-    d_current: list[torch.Tensor | None] = field(default_factory=list)
-    computed_steps: int = 0
-    last_position: float | None = None
 
     def reset(self) -> None:
         self.d_current = [None] * self.order
@@ -134,56 +125,3 @@ class TaylorCache(_Cache):
     def nbytes(self) -> int:
         """Memory held by the cached tensors."""
         return sum(t.numel() * t.element_size() for t in self.d_current if t is not None)
-
-
-@dataclass
-class NewtonCache(_Cache):
-    """Extrapolation through the last ``n_derivatives + 1`` computed predictions (Newton's divided
-    differences on their actual positions): exact for trajectories that are polynomials of degree
-    up to ``n_derivatives``, where TaylorSeer's backward differences are only first-order accurate.
-    A candidate improvement measured by the quality lab, not the product's method.
-    """
-
-    points: list[tuple[float, torch.Tensor]] = field(default_factory=list)
-
-    @property
-    def computed_steps(self) -> int:
-        return self._seen
-
-    def reset(self) -> None:
-        self.points = []
-        self._seen = 0
-
-    def update(self, prediction: torch.Tensor, position: float) -> None:
-        if self.points and position <= self.points[-1][0]:
-            raise ValueError(f"positions must increase; got {position} after {self.points[-1][0]}")
-        value = prediction.detach().to(self.dtype or _wide_dtype(prediction.dtype))
-        self.points = [*self.points, (position, value)][-self.order :]
-        self._seen += 1
-
-    def forecast(self, position: float) -> torch.Tensor:
-        if not self.points:
-            raise RuntimeError("the cache has no computed step to forecast from")
-        # Lagrange form of the interpolating polynomial, evaluated at ``position``
-        xs = [x for x, _ in self.points]
-        result = torch.zeros_like(self.points[0][1])
-        for j, (xj, yj) in enumerate(self.points):
-            weight = 1.0
-            for m, xm in enumerate(xs):
-                if m != j:
-                    weight *= (position - xm) / (xj - xm)
-            result.add_(yj, alpha=weight)
-        return result
-
-    def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for _, v in self.points)
-
-
-FORECASTERS = {"taylor": TaylorCache, "newton": NewtonCache}
-
-
-def make_cache(forecaster: str = "taylor", n_derivatives: int = 1, dtype: torch.dtype | None = None):
-    """A fresh cache: "taylor" (the product's TaylorSeer) or "newton" (the lab's alternative)."""
-    if forecaster not in FORECASTERS:
-        raise ValueError(f"forecaster must be one of {', '.join(FORECASTERS)}; got {forecaster!r}")
-    return FORECASTERS[forecaster](n_derivatives=n_derivatives, dtype=dtype)

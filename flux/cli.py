@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from flux import sizes, weights
+from flux.edit import MAX_SEED
 from flux.errors import EditError, InputError
 
 TINY_DIR = weights.PROJECT_ROOT / ".cache" / "tiny-weights"
@@ -24,7 +25,7 @@ def default_weights_dir() -> tuple[Path, str]:
     if PROXY_DIR.is_dir() and not weights.problems(PROXY_DIR):
         return PROXY_DIR, "proxy"
     if weights.problems(TINY_DIR):
-        from flux.tiny import make_tiny_weights
+        from flux.lab.tiny import make_tiny_weights
 
         make_tiny_weights(TINY_DIR)
     return TINY_DIR, "tiny"
@@ -56,11 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--aspect-ratio", default=sizes.MATCH_INPUT, choices=sizes.ASPECT_RATIO_CHOICES)
     e.add_argument("--steps", type=int, default=28, help="denoising steps, 4 to 50")
     e.add_argument("--guidance", type=float, default=2.5)
-    e.add_argument("--seed", type=int, default=None, help="random when omitted; 0 is a seed")
+    e.add_argument("--seed", type=_seed, default=None, help=f"0 to {MAX_SEED}; random when omitted (0 is a seed)")
     e.add_argument("--acceleration", default="go fast", choices=taylor_utils.ACCELERATION_LEVELS)
     e.add_argument("--quality", type=int, default=95, help="webp/jpg quality, 0 to 100")
     e.add_argument("--no-safety-checker", action="store_true")
     return parser
+
+
+def _seed(text: str) -> int:
+    seed = int(text)
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}; got {seed}")
+    return seed
 
 
 def _format_for(path: Path) -> str:

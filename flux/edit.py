@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -32,11 +34,21 @@ DEFAULT_ACCELERATION = "go fast"
 # Two derivative terms: the smallest order that follows the curvature of the trajectory, which
 # is what TaylorSeer adds over linear extrapolation (see README, "Acceleration").
 DEFAULT_N_DERIVATIVES = 2
-TAYLOR_UNITS = ("steps", "timesteps")
+# The noise generator (torch's CPU Mersenne Twister) keeps only the low 32 bits of a seed, so
+# 0..2**32-1 is the whole range of distinct seeds; anything outside it would alias one inside.
+MAX_SEED = 2**32 - 1
+
+
+def clean_prompt(prompt: str) -> str:
+    """The prompt without control characters (tabs and line breaks become spaces), trimmed."""
+    kept = (" " if ch.isspace() else ch for ch in prompt if ch.isspace() or unicodedata.category(ch) != "Cc")
+    return "".join(kept).strip()
 
 
 @dataclass
 class EditSettings:
+    """What a request can ask for. The prompt is stored cleaned (``clean_prompt``)."""
+
     prompt: str
     width: int
     height: int
@@ -44,16 +56,31 @@ class EditSettings:
     num_steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     acceleration: str = DEFAULT_ACCELERATION
-    n_derivatives: int = DEFAULT_N_DERIVATIVES
-    taylor_units: str = "steps"
-    # lab options: "newton" extrapolation instead of TaylorSeer; the cache's dtype (None = float32);
-    # caching the whole output, conditioning tokens included (the public reference's behaviour)
-    forecaster: str = "taylor"
-    cache_dtype: torch.dtype | None = None
-    cache_all_tokens: bool = False
-    # a computed-step map of the same length instead of the level's (the lab compares maps)
+
+    def __post_init__(self) -> None:
+        self.prompt = clean_prompt(self.prompt or "")
+
+
+class ForecastCache(Protocol):
+    """What the loop needs of a cache: record a computed prediction, forecast a skipped one.
+    Positions are step indices."""
+
+    def reset(self) -> None: ...
+    def update(self, prediction: torch.Tensor, position: float) -> None: ...
+    def forecast(self, position: float) -> torch.Tensor: ...
+    def nbytes(self) -> int: ...
+
+
+@dataclass
+class LabOverrides:
+    """The one seam through which the quality lab, the benchmarks and the tests vary an edit.
+    A request never sets it; every field left None is the product's choice."""
+
+    # default: TaylorSeer with DEFAULT_N_DERIVATIVES, in step units, fp32 terms
+    cache: ForecastCache | None = None
+    # default: the acceleration level's map; else a computed-step map of length num_steps
     step_map: list[bool] | None = None
-    # (width, height) of the conditioning image; None picks the preferred Kontext resolution
+    # (width, height) of the conditioning image; default: the preferred Kontext resolution
     condition_size: tuple[int, int] | None = None
 
 
@@ -184,16 +211,14 @@ def denoise(
     sigmas: torch.Tensor,
     guidance: float,
     step_map: list[bool],
-    cache: taylor_utils.TaylorCache | taylor_utils.NewtonCache,
+    cache: ForecastCache,
     report: EditReport,
-    taylor_units: str = "steps",
     on_step: StepCallback | None = None,
-    cache_all_tokens: bool = False,
 ) -> torch.Tensor:
     """The flow-matching Euler loop; computed steps run the transformer, skipped steps are forecast.
 
-    Only the target tokens of each prediction are used and cached (``cache_all_tokens`` keeps the
-    public reference's whole-output cache, for the quality lab).
+    Only the target tokens of each prediction are used and cached: the forecast is elementwise, so
+    caching the conditioning tokens too (as the public reference does) changes no target value.
     """
     num_tokens = latents.shape[1]
     timesteps = sigmas[:-1] * 1000.0
@@ -203,8 +228,6 @@ def denoise(
     sigmas_list = sigmas.tolist()
     timers: dict[str, float] = {}
     for i, compute in enumerate(step_map):
-        # the cache's coordinate: the step index, or the timestep (uneven under the shifted schedule)
-        position = float(i) if taylor_units == "steps" else 1000.0 * (1.0 - sigmas_list[i])
         if compute:
             with _Timer(c.device, timers, "transformer"):
                 t = timesteps[i].to(c.device).expand(latents.shape[0]).to(latents.dtype)
@@ -221,11 +244,11 @@ def denoise(
                 prediction = output[:, :num_tokens]
                 report.transformer_calls += 1
                 if not all(step_map[i + 1 :]):
-                    cache.update(output if cache_all_tokens else prediction, position)
+                    cache.update(prediction, float(i))
                     report.cache_bytes = max(report.cache_bytes, cache.nbytes())
         else:
             with _Timer(c.device, timers, "forecast"):
-                prediction = cache.forecast(position)[:, :num_tokens]
+                prediction = cache.forecast(float(i))
             report.forecast_steps.append(i)
         dt = sigmas_list[i + 1] - sigmas_list[i]
         latents = (latents.float() + dt * prediction.float()).to(latents.dtype)
@@ -237,8 +260,12 @@ def denoise(
 
 
 def check_settings(settings: EditSettings) -> None:
-    if not settings.prompt or not settings.prompt.strip():
-        raise InputError("prompt is empty; say what to change in the image")
+    if not settings.prompt:
+        raise InputError(
+            "prompt is empty (control characters and spaces do not count); say what to change in the image"
+        )
+    if not 0 <= settings.seed <= MAX_SEED:
+        raise InputError(f"seed must be between 0 and {MAX_SEED}, or left blank for a random one; got {settings.seed}")
     if not taylor_utils.MIN_STEPS <= settings.num_steps <= taylor_utils.MAX_STEPS:
         raise InputError(
             f"num_inference_steps must be between {taylor_utils.MIN_STEPS} and {taylor_utils.MAX_STEPS}; "
@@ -248,8 +275,6 @@ def check_settings(settings: EditSettings) -> None:
         raise InputError(
             f"acceleration must be one of {', '.join(taylor_utils.ACCELERATION_LEVELS)}; got {settings.acceleration!r}"
         )
-    if settings.taylor_units not in TAYLOR_UNITS:
-        raise InputError(f"taylor_units must be one of {', '.join(TAYLOR_UNITS)}; got {settings.taylor_units!r}")
     if settings.width % sizes.MULTIPLE or settings.height % sizes.MULTIPLE:
         raise InputError(
             f"width and height must be multiples of {sizes.MULTIPLE}; got {settings.width}x{settings.height}"
@@ -262,16 +287,24 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
 
 
 @torch.inference_mode()
-def edit(c: Components, image: Image.Image, settings: EditSettings, on_step: StepCallback | None = None) -> EditResult:
+def edit(
+    c: Components,
+    image: Image.Image,
+    settings: EditSettings,
+    on_step: StepCallback | None = None,
+    lab: LabOverrides | None = None,
+) -> EditResult:
     """Run one edit. ``image`` is an RGB image (see ``images.load_image``)."""
     check_settings(settings)
+    lab = lab or LabOverrides()
     report = EditReport(seed=settings.seed, acceleration=settings.acceleration, num_steps=settings.num_steps)
     seconds = report.seconds
-    cache = taylor_utils.make_cache(settings.forecaster, settings.n_derivatives, settings.cache_dtype)
+    cache = lab.cache or taylor_utils.TaylorCache(n_derivatives=DEFAULT_N_DERIVATIVES)
+    cache.reset()
     try:
         with _Timer(c.device, seconds, "encode"):
             prompt_embeds, pooled, text_ids = encode_prompt(c, settings.prompt)
-            cond_w, cond_h = settings.condition_size or sizes.conditioning_size(*image.size, base_side(c))
+            cond_w, cond_h = lab.condition_size or sizes.conditioning_size(*image.size, base_side(c))
             image_latents, image_ids = encode_image(c, images.resize(image, cond_w, cond_h))
             latents = initial_noise(c, settings.seed, settings.width, settings.height)
             target_ids = position_ids(
@@ -279,11 +312,11 @@ def edit(c: Components, image: Image.Image, settings: EditSettings, on_step: Ste
             )
             ids = torch.cat([target_ids, image_ids], dim=0)
             sigmas = schedule.sigmas_for(c.scheduler, settings.num_steps, latents.shape[1])
-        step_map = settings.step_map or taylor_utils.compute_step_map(settings.acceleration, settings.num_steps)
+        step_map = lab.step_map or taylor_utils.compute_step_map(settings.acceleration, settings.num_steps)
         with _Timer(c.device, seconds, "denoise"):
             latents = denoise(
                 c, latents, image_latents, ids, prompt_embeds, pooled, text_ids, sigmas, settings.guidance,
-                step_map, cache, report, settings.taylor_units, on_step, settings.cache_all_tokens,
+                step_map, cache, report, on_step,
             )  # fmt: skip
         _check_finite(latents, "final latents")
         with _Timer(c.device, seconds, "decode"):

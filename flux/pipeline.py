@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from flux import images, sizes, weights
-from flux.edit import EditResult, EditSettings, StepCallback, base_side, edit
+from flux.edit import MAX_SEED, EditResult, EditSettings, StepCallback, base_side, edit
 from flux.errors import EditError
 from flux.fast import optimize
 from flux.loading import Components, load_components
@@ -59,7 +59,7 @@ def warm_up(model: Model, output_sizes: list[tuple[int, int]]) -> float:
 
 
 def new_seed() -> int:
-    return secrets.randbelow(2**32)
+    return secrets.randbelow(MAX_SEED + 1)
 
 
 def run_edit(
@@ -73,9 +73,9 @@ def run_edit(
     acceleration: str = "go fast",
     check_safety: bool = True,
     on_step: StepCallback | None = None,
-    **settings,
 ) -> EditResult:
-    """One edit from an image file (or its bytes); a seed of None draws a random one, 0 is a seed."""
+    """One edit from an image file (or its bytes); a seed of None draws a random one, 0 is a seed.
+    Seeds run from 0 to MAX_SEED; each gives its own noise."""
     image = images.load_image(image_source)
     width, height = sizes.output_size(aspect_ratio, *image.size, base_side(model.components))
     seed = new_seed() if seed is None else int(seed)
@@ -85,7 +85,7 @@ def run_edit(
         image,
         EditSettings(
             prompt=prompt, width=width, height=height, seed=seed, num_steps=num_steps, guidance=guidance,
-            acceleration=acceleration, **settings,
+            acceleration=acceleration,
         ),
         on_step=on_step,
     )  # fmt: skip

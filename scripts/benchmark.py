@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flux.benchmark import SIZES, components_for, markdown_table, run_benchmark, write_report  # noqa: E402
 from flux.device import dtype_for, pick_device  # noqa: E402
+from flux.lab.benchmark import SIZES, components_for, markdown_table, run_benchmark, write_report  # noqa: E402
 
 
 def main() -> int:

@@ -18,4 +18,4 @@ fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/torch-compile}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt" || true
-timeout 470 "$PY" -m flux.gpu_check "$out" 2>&1 | tee "$out/gpu_check.log"
+timeout 470 "$PY" -m flux.lab.gpu_check "$out" 2>&1 | tee "$out/gpu_check.log"

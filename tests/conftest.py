@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flux.lab.tiny import make_tiny_weights
 from flux.loading import load_components
-from flux.tiny import make_tiny_weights
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from flux.benchmark import components_for, run_benchmark, write_report
+from flux.lab.benchmark import components_for, run_benchmark, write_report
 
 
 def test_tiny_benchmark_report(tmp_path):

@@ -41,3 +41,14 @@ def test_bad_image_gives_a_clear_error(tiny_weights, tmp_path):
     assert "error: input_image is not a readable image" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+def test_seed_outside_the_range_is_refused(tiny_weights, tmp_path):
+    source = tmp_path / "in.png"
+    source.write_bytes(image_bytes(random_image(32, 32)))
+    result = run_cli(
+        "edit", "--weights", str(tiny_weights), "--image", str(source), "--prompt", "x",
+        "--out", str(tmp_path / "o.png"), "--seed", str(2**32),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--seed: must be between 0 and 4294967295" in result.stderr and "Traceback" not in result.stderr

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from flux import architecture, weights
-from flux.edit import EditSettings, edit
-from flux.tiny import make_tiny_weights
+from flux import weights
+from flux.edit import EditSettings, LabOverrides, edit
+from flux.lab import architecture
+from flux.lab.tiny import make_tiny_weights
 from tests.conftest import random_image
 
 
@@ -49,7 +50,7 @@ def test_parity_with_diffusers_pipeline(components):
 
     c = components
     image = random_image(96, 64, seed=3)
-    ours = edit(c, image, small(condition_size=(96, 64))).latents
+    ours = edit(c, image, small(), lab=LabOverrides(condition_size=(96, 64))).latents
     pipe = FluxKontextPipeline(
         scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
         text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2, transformer=c.transformer,
@@ -90,7 +91,10 @@ def test_conditioning_tokens_are_appended_with_first_coordinate_one(components):
 
     handle = components.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        edit(components, random_image(64, 64), small(width=96, height=64, num_steps=4, condition_size=(64, 48)))
+        edit(
+            components, random_image(64, 64), small(width=96, height=64, num_steps=4),
+            lab=LabOverrides(condition_size=(64, 48)),
+        )  # fmt: skip
     finally:
         handle.remove()
     target = (64 // 16) * (96 // 16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from cog import CancelationException
 from cog import Path as CogPath
 from PIL import Image
 
+from flux.edit import MAX_SEED, EditSettings, clean_prompt
 from flux.errors import EditError, InputError
 from tests.conftest import image_bytes, random_image
 from tests.test_images import png_header_only
@@ -107,7 +109,7 @@ def test_animated_webp_uses_first_frame(predictor, write, caplog):
     assert "first frame" in caplog.text
 
 
-@pytest.mark.parametrize("prompt", ["", "   \n\t "])
+@pytest.mark.parametrize("prompt", ["", "   \n\t ", "\x00", "\x00\x07\x1b\x7f\x9b"])
 def test_empty_prompt(predictor, write, prompt):
     with pytest.raises(InputError, match="prompt is empty"):
         predict(predictor, write(image_bytes(random_image(32, 32))), prompt=prompt)
@@ -189,3 +191,23 @@ def test_weights_removed_after_setup(tiny_weights, tmp_path, write, monkeypatch)
     assert_next_prediction_works(predictor, write)  # the model is in memory
     with pytest.raises(FileNotFoundError, match="missing: vae/diffusion_pytorch_model.safetensors"):
         make_predictor(tree, monkeypatch)
+
+
+def test_control_characters_are_removed_before_encoding():
+    assert clean_prompt("make\x00 it\tred\n") == "make it red"
+    assert clean_prompt("  \x1b[31mred\x7f ") == "[31mred"
+    assert clean_prompt("café ☕ 赤く") == "café ☕ 赤く"
+    assert EditSettings("a\x00b", 16, 16, 0).prompt == "ab"
+
+
+def test_a_prompt_with_control_characters_edits_as_its_clean_text(predictor, write):
+    image = write(image_bytes(random_image(32, 32)))
+    dirty = predict(predictor, image, prompt="\x00make it\x07 red\x1b", seed=4, output_format="png")
+    clean = predict(predictor, image, prompt="make it red", seed=4, output_format="png")
+    assert Path(dirty).read_bytes() == Path(clean).read_bytes()
+
+
+@pytest.mark.parametrize("seed", [-1, MAX_SEED + 1, 2**63])
+def test_seeds_outside_the_range_are_refused_before_anything_runs(predictor, write, seed):
+    with pytest.raises(InputError, match=f"seed must be between 0 and {MAX_SEED}"):
+        predict(predictor, write(image_bytes(random_image(32, 32))), seed=seed)

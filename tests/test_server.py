@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from flux import sizes
+from flux.edit import MAX_SEED
 from tests.cog_server import cog_server, data_uri, decode_output
 from tests.conftest import image_bytes, random_image
 
@@ -41,6 +42,7 @@ def test_health_and_schema(server):
     assert props["guidance"]["default"] == 2.5 and props["guidance"]["maximum"] == 10
     assert props["output_quality"]["default"] == 80
     assert props["seed"]["nullable"] is True and "default" not in props["seed"]
+    assert (props["seed"]["minimum"], props["seed"]["maximum"]) == (0, MAX_SEED)
     assert schemas["aspect_ratio"]["enum"] == list(sizes.ASPECT_RATIO_CHOICES)
     assert schemas["acceleration"]["enum"] == ["none", "go fast", "go really fast"]
     assert schemas["output_format"]["enum"] == ["webp", "jpg", "png"]
@@ -119,3 +121,39 @@ def test_flagged_image_fails_over_http(flagging_weights, tmp_path, png_uri):
         status, body = flagged.predict(prompt="x", input_image=png_uri, num_inference_steps=4, seed=1)
         assert body["status"] == "failed" and body.get("output") is None
         assert "safety checker flagged" in body["error"]
+
+
+@pytest.mark.parametrize("seed", [-1, MAX_SEED + 1, 2**63, 2**64])
+def test_seeds_outside_the_generator_range_get_422_naming_seed(server, png_uri, seed):
+    """These seeds used to alias others (-1 gave the image of 4294967295, 2**32 that of 0) or crash."""
+    status, body = server.predict(prompt="x", input_image=png_uri, num_inference_steps=4, seed=seed)
+    assert status == 422 and "seed" in str(body)
+
+
+def test_seeds_at_both_ends_run_report_themselves_and_differ(server, png_uri):
+    outputs = {}
+    for seed in (0, MAX_SEED):
+        status, body = server.predict(
+            prompt="x", input_image=png_uri, num_inference_steps=4, seed=seed, output_format="png"
+        )
+        assert body["status"] == "succeeded", body
+        assert body["metrics"]["seed"] == seed and isinstance(body["metrics"]["seed"], int)
+        assert f"seed {seed}," in body["logs"]
+        outputs[seed] = decode_output(body["output"])
+    assert outputs[0] != outputs[MAX_SEED]
+
+
+@pytest.mark.parametrize("prompt", ["\x00", "\x00\x01\x1b", " \t\n\x7f "])
+def test_prompts_of_control_characters_only_are_refused(server, png_uri, prompt):
+    status, body = server.predict(prompt=prompt, input_image=png_uri, num_inference_steps=4, seed=1)
+    assert body["status"] == "failed"
+    assert "prompt is empty" in body["error"] and "Traceback" not in body["error"]
+
+
+def test_failure_text_is_the_project_message_behind_the_cog_server_prefix(server, png_uri):
+    """What a client sees: coglet's own prefix, the error class, then the project's one-sentence message."""
+    status, body = server.predict(prompt="\x00", input_image=png_uri, num_inference_steps=4, seed=1)
+    prefix = "Prediction failed: Prediction failed: InputError: "
+    assert body["error"].startswith(prefix), body["error"]
+    message = body["error"][len(prefix) :]
+    assert message.startswith("prompt is empty") and "Error" not in message

@@ -10,7 +10,17 @@ import torch
 
 import taylor_utils
 from flux import schedule
-from flux.edit import EditSettings, edit, encode_image, encode_prompt, initial_noise, position_ids
+from flux.edit import (
+    DEFAULT_N_DERIVATIVES,
+    EditSettings,
+    LabOverrides,
+    edit,
+    encode_image,
+    encode_prompt,
+    initial_noise,
+    position_ids,
+)
+from flux.lab import forecasters
 from tests.conftest import random_image
 
 LEVELS = taylor_utils.ACCELERATION_LEVELS
@@ -143,15 +153,20 @@ def _count_calls(components, run):
 
 
 def _settings(**kw):
-    base = dict(prompt="flip it", width=32, height=32, seed=3, num_steps=28, condition_size=(32, 32))
+    base = dict(prompt="flip it", width=32, height=32, seed=3, num_steps=28)
     base.update(kw)
     return EditSettings(**base)
+
+
+def _edit(components, image, settings, cache=None):
+    """An edit with the conditioning image kept at its own size."""
+    return edit(components, image, settings, lab=LabOverrides(cache=cache, condition_size=image.size))
 
 
 def test_calls_counted_on_the_model_at_28_steps(components):
     image = random_image(32, 32)
     counts = [
-        _count_calls(components, lambda lv=level: edit(components, image, _settings(acceleration=lv)))[0]
+        _count_calls(components, lambda lv=level: _edit(components, image, _settings(acceleration=lv)))[0]
         for level in LEVELS
     ]
     assert counts == [28, 18, 13]
@@ -161,8 +176,8 @@ def test_calls_equal_the_map_for_every_step_count(components):
     image = random_image(16, 16)
     for level in LEVELS:
         for steps in range(taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS + 1):
-            settings = _settings(acceleration=level, num_steps=steps, width=16, height=16, condition_size=(16, 16))
-            calls, result = _count_calls(components, lambda s=settings: edit(components, image, s))
+            settings = _settings(acceleration=level, num_steps=steps, width=16, height=16)
+            calls, result = _count_calls(components, lambda s=settings: _edit(components, image, s))
             step_map = taylor_utils.compute_step_map(level, steps)
             assert calls == sum(step_map) == result.report.transformer_calls
             assert result.report.forecast_steps == [i for i, c in enumerate(step_map) if not c]
@@ -172,8 +187,8 @@ def test_none_is_bit_identical_to_a_loop_without_cache(components):
     """An independent plain Euler loop (no cache, no maps) gives the same bits as "none"."""
     c = components
     image = random_image(48, 32, seed=5)
-    settings = _settings(acceleration="none", num_steps=10, width=48, height=32, condition_size=(48, 32))
-    ours = edit(c, image, settings).latents
+    settings = _settings(acceleration="none", num_steps=10, width=48, height=32)
+    ours = _edit(c, image, settings).latents
     with torch.inference_mode():
         embeds, pooled, text_ids = encode_prompt(c, settings.prompt)
         image_latents, image_ids = encode_image(c, image)
@@ -194,7 +209,7 @@ def test_none_is_bit_identical_to_a_loop_without_cache(components):
 
 def test_report_and_cache_memory(components):
     image = random_image(32, 32)
-    result = edit(components, image, _settings(acceleration="go fast", n_derivatives=2))
+    result = _edit(components, image, _settings(acceleration="go fast"))
     report = result.report
     tokens = result.latents.shape[1] * result.latents.shape[2]
     assert report.cache_bytes == 3 * tokens * 4  # order x the target prediction (fp32), conditioning tokens excluded
@@ -204,16 +219,33 @@ def test_report_and_cache_memory(components):
 
 def test_levels_differ_but_stay_close_to_none(components):
     image = random_image(32, 32)
-    none = edit(components, image, _settings(acceleration="none")).latents
-    fast = edit(components, image, _settings(acceleration="go fast")).latents
+    none = _edit(components, image, _settings(acceleration="none")).latents
+    fast = _edit(components, image, _settings(acceleration="go fast")).latents
     assert not torch.equal(none, fast)
     assert torch.isfinite(fast).all()
 
 
-@pytest.mark.parametrize("units", ["steps", "timesteps"])
-def test_taylor_units_both_run(components, units):
-    result = edit(components, random_image(32, 32), _settings(acceleration="go really fast", taylor_units=units))
-    assert result.report.transformer_calls == 13
+@pytest.mark.parametrize("forecaster", forecasters.FORECASTERS)
+@pytest.mark.parametrize("units", forecasters.UNITS)
+def test_lab_caches_run_through_the_loop(components, forecaster, units):
+    settings = _settings(acceleration="go really fast")
+    cache = forecasters.make_cache(components, 28, 32, 32, forecaster=forecaster, n_derivatives=2, units=units)
+    result = _edit(components, random_image(32, 32), settings, cache=cache)
+    assert result.report.transformer_calls == 13 and torch.isfinite(result.latents).all()
+
+
+def test_the_default_cache_is_taylorseer_of_the_default_order(components):
+    """The loop's default is the product's cache: passing it explicitly changes no bit."""
+    image, settings = random_image(32, 32), _settings(acceleration="go fast")
+    explicit = taylor_utils.TaylorCache(n_derivatives=DEFAULT_N_DERIVATIVES)
+    assert torch.equal(_edit(components, image, settings).latents, _edit(components, image, settings, explicit).latents)
+
+
+def test_timestep_units_are_the_shifted_schedule(components):
+    positions = forecasters.timestep_positions(components, 28, 32, 32)
+    sigmas = schedule.sigmas_for(components.scheduler, 28, 4)
+    assert positions == [1000.0 * (1.0 - s) for s in sigmas.tolist()]
+    assert positions[0] == 0.0 and all(b > a for a, b in zip(positions, positions[1:], strict=False))
 
 
 @pytest.mark.parametrize("trial", range(10))
@@ -226,7 +258,7 @@ def test_newton_interpolation_is_exact_for_polynomials_up_to_its_order(trial):
     coeffs = torch.randn(n + 1, 4, dtype=torch.float64)
     positions = sorted(rng.uniform(0, 1) for _ in range(steps))
     values = [sum(coeffs[d] * p**d for d in range(n + 1)) for p in positions]
-    cache = taylor_utils.make_cache("newton", n)
+    cache = forecasters.NewtonCache(n_derivatives=n)
     for i, compute in enumerate(step_map):
         if compute:
             cache.update(values[i], positions[i])

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flux import tiny
 from flux.edit import encode_prompt, pack, position_ids
+from flux.lab import tiny
 from flux.lab.scenes import PROMPTS, SIDE, make_example
 from flux.loading import Components
 

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 import taylor_utils
 from flux import images
 from flux.device import release_memory, synchronize
-from flux.edit import T5_MAX_TOKENS, EditSettings, decode, edit
+from flux.edit import T5_MAX_TOKENS, EditSettings, LabOverrides, decode, edit
 from flux.loading import Components
 
 SIZES = {
@@ -146,12 +146,12 @@ def run_project(c: Components, image: Image.Image, size, level: str, steps: int,
     width, height, _, _ = size
     settings = EditSettings(
         prompt="make the circle red", width=width, height=height, seed=seed, num_steps=steps,
-        acceleration=level, condition_size=image.size,
+        acceleration=level,
     )  # fmt: skip
     synchronize(c.device)
     start = time.perf_counter()
     with PeakMemory(c.device) as peak:
-        result = edit(c, image, settings)
+        result = edit(c, image, settings, lab=LabOverrides(condition_size=image.size))
     synchronize(c.device)
     report = result.report
     forecast_ratio = None
@@ -417,7 +417,7 @@ def components_for(preset: str, device: torch.device, dtype: torch.dtype, weight
         from flux.loading import load_components
 
         return load_components(weights_dir, device, dtype)
-    from flux.tiny import random_components
+    from flux.lab.tiny import random_components
 
     if preset == "full" and device.type != "cuda":
         raise SystemExit("the full-size benchmark needs a CUDA GPU (the model is 12B parameters in bf16)")

@@ -7,8 +7,8 @@ Speed does not depend on weight values, so the real architecture with random bf1
 measures the real speed. Built to finish in under 8 minutes on one H100 with no network; a mode
 that fails is recorded with its error and the check goes on.
 
-    python -m flux.gpu_check OUT_DIR                            # the check (CUDA, full size)
-    python -m flux.gpu_check OUT_DIR --preset tiny --device cpu # a rehearsal of the same code (tests)
+    python -m flux.lab.gpu_check OUT_DIR                            # the check (CUDA, full size)
+    python -m flux.lab.gpu_check OUT_DIR --preset tiny --device cpu # a rehearsal of the same code (tests)
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 import taylor_utils
-from flux.benchmark import SIZES, input_image, psnr, run_project
 from flux.device import release_memory, synchronize
 from flux.fast import FastSettings, optimize, quantize_fp8
+from flux.lab.benchmark import SIZES, input_image, psnr, run_project
+from flux.lab.tiny import random_components
 from flux.pipeline import Model, warm_up
-from flux.tiny import random_components
 
 STEPS = 28
 COLD_START_IF_UNDER_S = 300  # elapsed seconds after which the cold-start process is left out
@@ -146,7 +146,7 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
         release_memory(device)
         say("cold start in a fresh process, compile cache on disk")
         start = time.perf_counter()
-        command = [sys.executable, "-m", "flux.gpu_check", str(out), "--cold-start", "--preset", preset,
+        command = [sys.executable, "-m", "flux.lab.gpu_check", str(out), "--cold-start", "--preset", preset,
                    "--device", device.type]  # fmt: skip
         done = subprocess.run(command, check=False)
         report["cold_start"] = {"process_seconds": time.perf_counter() - start, "rc": done.returncode}
