@@ -15,9 +15,9 @@ from cog import BaseRunner, Input, Path
 import taylor_utils
 from flux import sizes
 from flux.device import release_memory
-from flux.edit import MAX_SEED
+from flux.edit import MAX_SEED, base_side
 from flux.errors import InputError
-from flux.fast import FastSettings
+from flux.fast import warm_up_sizes
 from flux.images import OUTPUT_FORMATS, save_image
 from flux.outputs import new_output_path
 from flux.pipeline import Model, load_model, run_edit, warm_up
@@ -29,8 +29,8 @@ class Predictor(BaseRunner):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         weights_dir = os.environ.get("WEIGHTS_DIR", "weights")
         self.model: Model = load_model(weights_dir)
-        if self.model.components.device.type == "cuda":
-            warm_up(self.model, FastSettings.from_env().warm_sizes)
+        if "compile" in self.model.fast_path:  # compile the graph(s) now, not in the first request
+            warm_up(self.model, warm_up_sizes(base_side(self.model.components)))
         phases = ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.model.seconds.items())
         print(f"setup: {phases} ({weights_dir} on {self.model.components.device}; fast path {self.model.fast_path})")
 

@@ -1,18 +1,28 @@
-"""The GPU fast path: torch.compile, FP8 linear layers, the fastest attention backend, channels_last VAE.
+"""The fast path: torch.compile of the transformer under a shape policy; on CUDA also FP8 linear
+layers, the fastest attention backend and a channels_last VAE.
 
-Everything here applies on CUDA only; on the CPU ``optimize`` changes nothing and says so. The
-TaylorSeer forecast is plain tensor math in the edit loop, outside the compiled transformer: the
-compiled graph sees the same shapes on every computed step and is never recompiled by a forecast.
+The TaylorSeer forecast is plain tensor math in the edit loop, outside the compiled transformer:
+a forecast step never calls, and so never recompiles, the compiled graph.
+
+Shape policy (``FLUX_COMPILE_SHAPES``): the default output size follows the input image, so nearly
+every request has its own token count (target tokens + conditioning tokens).
+- ``dynamic`` (default): the token axis is symbolic; one graph serves every size a request can make,
+  compiled in setup() by the warm-up. Nothing compiles during a request.
+- ``static``: one specialised graph per token count (the old behaviour): the warm-up sizes are
+  compiled in setup(), and any other size compiles during the request that first brings it: a stall
+  of tens of seconds on an H100, and past dynamo's recompile limit (8) new sizes run uncompiled.
+  Kept as the baseline the GPU check measures the default against.
 
 Settings (environment variables, read by ``FastSettings.from_env``):
 
 | variable | default | meaning |
 |---|---|---|
-| FLUX_COMPILE | 1 | torch.compile the transformer |
-| FLUX_COMPILE_MODE | default | torch.compile mode (max-autotune modes tune kernels for minutes at the first cold start) |
-| FLUX_FP8 | auto | FP8 weights and activations for the transformer's linear layers (torchao); auto = on where the GPU supports FP8 (compute capability 8.9+) |
-| FLUX_ATTENTION | auto | diffusers attention backend; auto tries FlashAttention 3, then cuDNN, then native SDPA |
-| FLUX_WARM_SIZES | 1024x1024 | output sizes (WxH, comma-separated) compiled in setup(); other sizes compile on first use |
+| FLUX_COMPILE | auto | torch.compile the transformer: auto = on CUDA only; 1 = on any device (the CPU too); 0 = off |
+| FLUX_COMPILE_BACKEND | inductor | torch.compile backend; `eager` checks dynamo's graphs and guards in seconds (tests) |
+| FLUX_COMPILE_SHAPES | dynamic | the shape policy above |
+| FLUX_COMPILE_MODE | default | inductor mode (max-autotune modes tune kernels for minutes at the first cold start) |
+| FLUX_FP8 | auto | FP8 weights and activations for the transformer's linear layers (torchao, CUDA); auto = on where the GPU supports FP8 (compute capability 8.9+) |
+| FLUX_ATTENTION | auto | diffusers attention backend (CUDA); auto tries FlashAttention 3, then cuDNN, then native SDPA |
 | FLUX_COMPILE_CACHE | .cache/torch-compile | where compiled kernels persist between cold starts (TORCHINDUCTOR_CACHE_DIR) |
 """
 
@@ -20,38 +30,60 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from flux import sizes
 from flux.loading import Components
 
 log = logging.getLogger(__name__)
 
 ATTENTION_PREFERENCE = ("_flash_3", "flash", "_native_cudnn", "native")
+SHAPE_POLICIES = ("dynamic", "static")
+# setup() edits once at each: the commonest output (square) and a wide one, so the graph is
+# compiled and checked at two token counts before the first request
+WARM_UP_RATIOS = ("1:1", "16:9")
+_OFF = ("0", "false", "no", "off")
 
 
 @dataclass
 class FastSettings:
-    compile: bool = True
+    compile: str = "auto"
+    compile_backend: str = "inductor"
+    compile_shapes: str = "dynamic"
     compile_mode: str = "default"
     fp8: str = "auto"
     attention: str = "auto"
-    warm_sizes: list[tuple[int, int]] = field(default_factory=lambda: [(1024, 1024)])
     compile_cache: str = ".cache/torch-compile"
 
     @classmethod
     def from_env(cls) -> FastSettings:
-        sizes = os.environ.get("FLUX_WARM_SIZES", "1024x1024")
-        return cls(
-            compile=os.environ.get("FLUX_COMPILE", "1") not in ("0", "false", "no"),
+        settings = cls(
+            compile=os.environ.get("FLUX_COMPILE", "auto"),
+            compile_backend=os.environ.get("FLUX_COMPILE_BACKEND", "inductor"),
+            compile_shapes=os.environ.get("FLUX_COMPILE_SHAPES", "dynamic"),
             compile_mode=os.environ.get("FLUX_COMPILE_MODE", "default"),
             fp8=os.environ.get("FLUX_FP8", "auto"),
             attention=os.environ.get("FLUX_ATTENTION", "auto"),
-            warm_sizes=[tuple(int(v) for v in s.lower().split("x")) for s in sizes.split(",") if s.strip()],
             compile_cache=os.environ.get("FLUX_COMPILE_CACHE", ".cache/torch-compile"),
         )
+        if settings.compile_shapes not in SHAPE_POLICIES:
+            raise ValueError(
+                f"FLUX_COMPILE_SHAPES must be one of {', '.join(SHAPE_POLICIES)}; got {settings.compile_shapes!r}"
+            )
+        return settings
+
+    def compiles_on(self, device: torch.device) -> bool:
+        if self.compile == "auto":
+            return device.type == "cuda"
+        return self.compile.lower() not in _OFF
+
+
+def warm_up_sizes(base: int = sizes.BASE_SIDE) -> list[tuple[int, int]]:
+    """The output sizes setup() edits once after compiling, for a model whose native side is ``base``."""
+    return [sizes.output_size(ratio, 1, 1, base) for ratio in WARM_UP_RATIOS]
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -61,7 +93,7 @@ def fp8_supported(device: torch.device) -> bool:
 def _wants_fp8(settings: FastSettings, device: torch.device) -> bool:
     if settings.fp8 == "auto":
         return fp8_supported(device)
-    return settings.fp8 not in ("0", "false", "no", "off")
+    return settings.fp8.lower() not in _OFF
 
 
 def set_attention_backend(c: Components, choice: str) -> str:
@@ -87,12 +119,41 @@ def quantize_fp8(transformer: torch.nn.Module) -> None:
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
 
 
+def compile_transformer(c: Components, settings: FastSettings) -> dict[str, object]:
+    """torch.compile the transformer in place under the shape policy; returns what was applied."""
+    applied: dict[str, object] = {"compile": settings.compile_backend, "compile_shapes": settings.compile_shapes}
+    options: dict[str, object] = {}
+    if settings.compile_backend == "inductor":
+        cache = Path(settings.compile_cache).resolve()
+        cache.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = True
+        options["mode"] = settings.compile_mode
+        applied["compile_mode"] = settings.compile_mode
+        applied["compile_cache"] = str(cache)
+    # dynamic=True: sizes are symbolic from the first trace (no specialise-then-recompile on the
+    # second size, as dynamo's automatic dynamic shapes would do in a request)
+    dynamic = settings.compile_shapes == "dynamic"
+    c.transformer.compile(backend=settings.compile_backend, fullgraph=False, dynamic=dynamic, **options)
+    return applied
+
+
 def optimize(c: Components, settings: FastSettings | None = None) -> dict[str, object]:
-    """Apply the fast path in place; returns what was applied (empty on the CPU)."""
-    if c.device.type != "cuda":
-        log.info("fast path: off on %s (CUDA only); the CPU path is unchanged", c.device)
-        return {}
+    """Apply the fast path in place; returns what was applied (empty where nothing applies)."""
     settings = settings or FastSettings.from_env()
+    applied: dict[str, object] = {}
+    if c.device.type == "cuda":
+        applied.update(_cuda_only(c, settings))
+    else:
+        log.info("fast path: FP8, attention backends and channels_last are CUDA only; off on %s", c.device)
+    if settings.compiles_on(c.device):
+        applied.update(compile_transformer(c, settings))
+    return applied
+
+
+def _cuda_only(c: Components, settings: FastSettings) -> dict[str, object]:
     applied: dict[str, object] = {}
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -108,14 +169,4 @@ def optimize(c: Components, settings: FastSettings | None = None) -> dict[str, o
                 raise  # asked for by name: say so rather than run slower than asked
             log.warning("fast path: FP8 left off: %s", exc)
             applied["fp8"] = f"off ({exc})"
-    if settings.compile:
-        cache = Path(settings.compile_cache).resolve()
-        cache.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
-        import torch._inductor.config as inductor_config
-
-        inductor_config.fx_graph_cache = True
-        c.transformer.compile(mode=settings.compile_mode, fullgraph=False, dynamic=False)
-        applied["compile"] = settings.compile_mode
-        applied["compile_cache"] = str(cache)
     return applied

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check (one H100, no network, at most 8 minutes): full-size random weights,
-# 1024x1024 edit of a 1024x1024 input, 28 steps, every level; eager, compiled, compiled + FP8;
+# 1024x1024 edit of a 1024x1024 input, 28 steps, every level; eager, compiled (dynamic shapes),
+# compiled static shapes (with the stall at sizes never seen), compiled + FP8;
 # then a cold start in a fresh process that reuses the compile cache.
 #   bash scripts/gpu_check.sh OUT_DIR      -> OUT_DIR/gpu_check.json, cold_start.json, gpu_check.log
 # Uses the machine's python and torch. Packages that machine lacks (diffusers, torchao) travel as

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux.edit import EditSettings, edit
+from flux.edit import EditSettings, LabOverrides, edit
 from flux.fast import FastSettings, optimize
 from flux.loading import load_components
 from tests.conftest import random_image
@@ -15,7 +15,7 @@ def test_everything_is_off_on_the_cpu(tiny_weights):
     c = load_components(tiny_weights)
     before = {k: v.clone() for k, v in c.transformer.state_dict().items()}
     forward = c.transformer.forward
-    assert optimize(c, FastSettings(compile=True, fp8="on", attention="auto")) == {}
+    assert optimize(c, FastSettings(compile="auto", fp8="on", attention="auto")) == {}
     assert c.transformer._compiled_call_impl is None
     assert c.transformer.forward == forward
     assert all(torch.equal(before[k], v) for k, v in c.transformer.state_dict().items())
@@ -26,13 +26,22 @@ def test_everything_is_off_on_the_cpu(tiny_weights):
 def test_settings_from_env(monkeypatch):
     monkeypatch.setenv("FLUX_COMPILE", "0")
     monkeypatch.setenv("FLUX_FP8", "off")
-    monkeypatch.setenv("FLUX_WARM_SIZES", "1024x1024, 1392x752")
+    monkeypatch.setenv("FLUX_COMPILE_SHAPES", "static")
+    monkeypatch.setenv("FLUX_COMPILE_BACKEND", "eager")
     settings = FastSettings.from_env()
-    assert settings.compile is False and settings.fp8 == "off"
-    assert settings.warm_sizes == [(1024, 1024), (1392, 752)]
+    assert settings.fp8 == "off" and settings.compile_shapes == "static" and settings.compile_backend == "eager"
+    assert not settings.compiles_on(torch.device("cuda")) and not settings.compiles_on(torch.device("cpu"))
+    monkeypatch.setenv("FLUX_COMPILE", "1")
+    assert FastSettings.from_env().compiles_on(torch.device("cpu"))
+    monkeypatch.setenv("FLUX_COMPILE", "auto")
+    assert FastSettings.from_env().compiles_on(torch.device("cuda"))
+    assert not FastSettings.from_env().compiles_on(torch.device("cpu"))
+    monkeypatch.setenv("FLUX_COMPILE_SHAPES", "bucketed")
+    with pytest.raises(ValueError, match="FLUX_COMPILE_SHAPES must be one of dynamic, static"):
+        FastSettings.from_env()
 
 
-def test_forecasts_never_recompile_the_compiled_transformer(tiny_weights, monkeypatch):
+def test_forecasts_never_recompile_the_compiled_transformer(tiny_weights):
     """Compiled (dynamo, eager backend on the CPU), every level at one size runs on one graph."""
     import torch._dynamo
 
@@ -40,22 +49,26 @@ def test_forecasts_never_recompile_the_compiled_transformer(tiny_weights, monkey
     torch._dynamo.reset()
     c.transformer.compile(backend="eager", dynamic=False)
     image = random_image(32, 32)
-    settings = dict(prompt="x", width=32, height=32, seed=1, num_steps=12, condition_size=(32, 32))
-    edit(c, image, EditSettings(**settings, acceleration="none"))  # compiles once
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    for level in ("go fast", "go really fast", "none", "go fast"):
-        result = edit(c, image, EditSettings(**settings, acceleration=level))
-        assert torch.isfinite(result.latents).all()
+    settings = dict(prompt="x", width=32, height=32, seed=1, num_steps=12)
+    pinned = LabOverrides(condition_size=(32, 32))
+    edit(c, image, EditSettings(**settings, acceleration="none"), lab=pinned)  # compiles once
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for level in ("go fast", "go really fast", "none", "go fast"):
+            result = edit(c, image, EditSettings(**settings, acceleration=level), lab=pinned)
+            assert torch.isfinite(result.latents).all()
     torch._dynamo.reset()
 
 
 def test_settings_defaults_bound_the_first_cold_start(monkeypatch):
-    for name in ("FLUX_COMPILE", "FLUX_COMPILE_MODE", "FLUX_FP8", "FLUX_ATTENTION", "FLUX_WARM_SIZES"):
+    for name in ("FLUX_COMPILE", "FLUX_COMPILE_BACKEND", "FLUX_COMPILE_SHAPES", "FLUX_COMPILE_MODE", "FLUX_FP8",
+                 "FLUX_ATTENTION"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
     settings = FastSettings.from_env()
     assert settings == FastSettings()
-    # max-autotune tunes kernels for minutes on a cache-less first start; it stays an opt-in
-    assert settings.compile and settings.compile_mode == "default" and settings.fp8 == "auto"
+    # max-autotune tunes kernels for minutes on a cache-less first start; it stays an opt-in; the
+    # default shape policy is the one that cannot compile during a request
+    assert settings.compile == "auto" and settings.compile_mode == "default" and settings.fp8 == "auto"
+    assert settings.compile_shapes == "dynamic" and settings.compile_backend == "inductor"
 
 
 def test_gpu_check_is_a_clear_error_on_the_cpu(tmp_path):
@@ -65,7 +78,7 @@ def test_gpu_check_is_a_clear_error_on_the_cpu(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(
-        [sys.executable, "-m", "flux.gpu_check", str(tmp_path / "out")], cwd=root, capture_output=True, text=True
+        [sys.executable, "-m", "flux.lab.gpu_check", str(tmp_path / "out")], cwd=root, capture_output=True, text=True
     )
     assert done.returncode == 2
     assert "needs a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
@@ -92,17 +105,27 @@ def test_fp8_without_torchao_is_a_clear_error(monkeypatch):
 def test_gpu_check_rehearses_on_the_cpu(tmp_path):
     """The same code the H100 runs, at tiny size on the CPU: every mode, every level, the cold start."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "flux.gpu_check", str(out), "--preset", "tiny", "--device", "cpu"]
-    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "flux.lab.gpu_check", str(out), "--preset", "tiny", "--device", "cpu"]
+    # dynamo with the eager backend: the same policies and guards, without minutes of C++ code generation
+    env = {**os.environ, "FLUX_COMPILE_BACKEND": "eager"}
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "gpu_check.json").read_text())
-    for mode in ("eager", "compiled"):
+    for mode in ("compiled", "compiled static"):
+        assert (
+            report["modes"][mode]["applied"]["compile_shapes"]
+            == {"compiled": "dynamic", "compiled static": "static"}[mode]
+        )
+        unseen = report["modes"][mode]["unseen_sizes"]
+        assert len(unseen) == 2 and all(f["first_edit_seconds"] > 0 for f in unseen.values())
+    for mode in ("eager", "compiled", "compiled static"):
         levels = report["modes"][mode]["levels"]
         assert {level: figures["transformer_calls"] for level, figures in levels.items()} == {
             "none": 28, "go fast": 18, "go really fast": 13
@@ -115,3 +138,4 @@ def test_gpu_check_rehearses_on_the_cpu(tmp_path):
         assert "FP8 needs torchao" in fp8["error"]
     assert report["cold_start"]["rc"] == 0
     assert set(report["cold_start"]["seconds"]) == {"build_random_weights", "fast_path", "warm_up"}
+    assert report["cold_start"]["applied"]["compile_shapes"] == "dynamic"

@@ -1,5 +1,7 @@
 """The GPU check: full-size random weights, 1024x1024 edit of a 1024x1024 input, 28 steps, every level,
-eager against compiled against compiled + FP8, then a cold start that reuses the compile cache.
+eager against compiled (dynamic shapes, the default policy) against compiled with static shapes (a
+graph per size) against dynamic + FP8; for each compiled policy the first edit at sizes setup() never
+saw (the stall a user would feel) and the next one; then a cold start that reuses the compile cache.
 Writes gpu_check.json into the folder it is given, after every mode, so a run cut short still
 leaves what it measured.
 
@@ -25,20 +27,23 @@ from pathlib import Path
 import torch
 
 import taylor_utils
+from flux import sizes
 from flux.device import release_memory, synchronize
-from flux.fast import FastSettings, optimize, quantize_fp8
+from flux.fast import FastSettings, compile_transformer, optimize, quantize_fp8, warm_up_sizes
 from flux.lab.benchmark import SIZES, input_image, psnr, run_project
 from flux.lab.tiny import random_components
 from flux.pipeline import Model, warm_up
 
 STEPS = 28
-COLD_START_IF_UNDER_S = 300  # elapsed seconds after which the cold-start process is left out
-MODES = ("eager", "compiled", "compiled+fp8")
+COLD_START_IF_UNDER_S = 360  # elapsed seconds after which the cold-start process is left out
+MODES = ("eager", "compiled", "compiled static", "compiled+fp8")
+MODE_IF_UNDER_S = 330  # a mode starts only while this many seconds have not passed (8-minute budget)
+UNSEEN_RATIOS = ("3:2", "9:16")  # sizes no warm-up edits: their first edit shows any compile stall
 
 
-def _edit(c, image, size: int, level: str, steps: int = STEPS) -> dict:
-    """One timed edit (the benchmark's measurement), in the figures this check reports."""
-    run = run_project(c, image, (size, size, *image.size), level, steps, seed=0)
+def _edit(c, image, size: tuple[int, int], level: str, steps: int = STEPS) -> dict:
+    """One timed edit (the benchmark's measurement) of ``image`` to ``size`` (width, height)."""
+    run = run_project(c, image, (*size, *image.size), level, steps, seed=0)
     report = run["report"]
     return {
         "seconds_per_edit": run["e2e"],
@@ -50,6 +55,24 @@ def _edit(c, image, size: int, level: str, steps: int = STEPS) -> dict:
         "latents": run["latents"],
         "image": run["image"],
     }
+
+
+def _unseen_sizes(c, base: int, say, mode: str) -> dict:
+    """For sizes no warm-up edited: the first edit (any compile happens in it) and the next, "go fast"."""
+    figures = {}
+    for ratio in UNSEEN_RATIOS:
+        width, height = sizes.output_size(ratio, 1, 1, base)
+        image = input_image(width, height)
+        first = _edit(c, image, (width, height), "go fast")
+        then = _edit(c, image, (width, height), "go fast")
+        figures[f"{width}x{height}"] = {
+            "first_edit_seconds": first["seconds_per_edit"],
+            "next_edit_seconds": then["seconds_per_edit"],
+            "stall_seconds": first["seconds_per_edit"] - then["seconds_per_edit"],
+        }
+        say(f"{mode} / unseen {width}x{height}: first edit {first['seconds_per_edit']:.2f}s, "
+            f"next {then['seconds_per_edit']:.2f}s")  # fmt: skip
+    return figures
 
 
 def _build(preset: str, device: torch.device):
@@ -65,10 +88,9 @@ def cold_start(out: Path, preset: str, device: torch.device) -> dict:
     synchronize(device)
     seconds["build_random_weights"] = time.perf_counter() - start
     start = time.perf_counter()
-    applied = optimize(c, FastSettings.from_env())
+    applied = optimize(c, FastSettings(**{**FastSettings.from_env().__dict__, "compile": "1"}))
     seconds["fast_path"] = time.perf_counter() - start
-    size = SIZES[preset][0]
-    seconds["warm_up"] = warm_up(Model(c, None, Path(tempfile.gettempdir())), [(size, size)])
+    seconds["warm_up"] = warm_up(Model(c, None, Path(tempfile.gettempdir())), warm_up_sizes(SIZES[preset][0]))
     figures = {"seconds": seconds, "applied": {k: str(v) for k, v in applied.items()}}
     (out / "cold_start.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
@@ -100,30 +122,47 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
     report["modes"] = modes
     latents = {}
 
+    # the compile setting of the shipped fast path, on any device this check runs on
+    compiling = FastSettings(**{**shipped.__dict__, "compile": "1"})
+
     def prepare(mode: str) -> dict:
-        if mode == "compiled":
-            return optimize(c, FastSettings(**{**shipped.__dict__, "fp8": "off"}))
-        if mode == "compiled+fp8":
-            # a fresh compile of the quantized transformer, so its warm-up is a real compile
-            torch._dynamo.reset()
-            quantize_fp8(c.transformer)
-            return {"fp8": True, "compile": shipped.compile_mode if device.type == "cuda" else "off on the CPU"}
-        return {}
+        """Each compiled mode starts from a fresh dynamo state, so its warm-up is a real compile."""
+        if mode == "eager":
+            return {}
+        torch._dynamo.reset()
+        if mode == "compiled":  # the shipped policy, and the rest of the fast path, FP8 off
+            return optimize(c, FastSettings(**{**compiling.__dict__, "fp8": "off"}))
+        if mode == "compiled static":
+            return compile_transformer(c, FastSettings(**{**compiling.__dict__, "compile_shapes": "static"}))
+        quantize_fp8(c.transformer)  # compiled+fp8: the shipped policy on the quantized transformer
+        return {
+            "fp8": True,
+            **compile_transformer(c, FastSettings(**{**compiling.__dict__, "compile_shapes": "dynamic"})),
+        }
 
     for mode in MODES:
+        if time.perf_counter() - started > MODE_IF_UNDER_S:
+            modes[mode] = {"skipped": "not enough time left in the 8-minute budget"}
+            continue
         start = time.perf_counter()
         try:
             applied = prepare(mode)
-            warm_up(model, [(size, size)])  # what setup() does: the compile (or first-call) cost
+            # what setup() does: the compile (or first-call) cost of the policy's warm-up sizes;
+            # the static policy, as shipped before, warmed the square size only
+            warm_sizes = warm_up_sizes(size)[:1] if mode == "compiled static" else warm_up_sizes(size)
+            warm_up(model, warm_sizes)
             warm = time.perf_counter() - start
             say(f"{mode}: ready in {warm:.1f}s ({applied})")
-            modes[mode] = {"applied": {k: str(v) for k, v in applied.items()}, "warm_up_seconds": warm, "levels": {}}
+            modes[mode] = {"applied": {k: str(v) for k, v in applied.items()}, "warm_up_seconds": warm,
+                           "warm_up_sizes": warm_sizes, "levels": {}}  # fmt: skip
             for level in taylor_utils.ACCELERATION_LEVELS:
-                figures = _edit(c, image, size, level)
+                figures = _edit(c, image, (size, size), level)
                 latents[(mode, level)] = (figures.pop("latents").float().cpu(), figures.pop("image"))
                 modes[mode]["levels"][level] = figures
                 say(f"{mode} / {level}: {figures['seconds_per_edit']:.2f}s per edit, "
                     f"{figures['seconds_per_transformer_call'] * 1000:.0f} ms per call")  # fmt: skip
+            if mode in ("compiled", "compiled static"):
+                modes[mode]["unseen_sizes"] = _unseen_sizes(c, size, say, mode)
         except Exception as exc:  # record and go on: the other modes are still worth measuring
             modes.setdefault(mode, {})["error"] = f"{type(exc).__name__}: {exc}"
             say(f"{mode} failed:\n{traceback.format_exc()}")
@@ -131,14 +170,19 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
 
     drift = {}
     for level in taylor_utils.ACCELERATION_LEVELS:
+        if ("compiled", level) in latents and ("compiled static", level) in latents:
+            dynamic, static = latents[("compiled", level)][0], latents[("compiled static", level)][0]
+            drift.setdefault(level, {})["latent_rel_error_dynamic_vs_static"] = float(
+                (dynamic - static).norm() / static.norm()
+            )
         if ("compiled", level) in latents and ("compiled+fp8", level) in latents:
             bf16, bf16_image = latents[("compiled", level)]
             fp8, fp8_image = latents[("compiled+fp8", level)]
-            drift[level] = {
-                "latent_rel_error_fp8_vs_bf16": float((fp8 - bf16).norm() / bf16.norm()),
-                "psnr_fp8_vs_bf16": psnr(fp8_image, bf16_image),
-            }
-    report["fp8_drift"] = drift
+            drift.setdefault(level, {}).update(
+                latent_rel_error_fp8_vs_bf16=float((fp8 - bf16).norm() / bf16.norm()),
+                psnr_fp8_vs_bf16=psnr(fp8_image, bf16_image),
+            )
+    report["drift"] = drift
     save()
 
     if time.perf_counter() - started < COLD_START_IF_UNDER_S:
