@@ -19,6 +19,7 @@ from flux.edit import MAX_SEED, base_side
 from flux.errors import InputError
 from flux.fast import warm_up_sizes
 from flux.images import OUTPUT_FORMATS, save_image
+from flux.lora import MAX_STRENGTH, MIN_STRENGTH, LoraRequest
 from flux.outputs import new_output_path
 from flux.pipeline import Model, load_model, run_edit, warm_up
 
@@ -65,12 +66,33 @@ class Predictor(BaseRunner):
             description="Quality of webp and jpg outputs, 0 to 100; ignored for png", ge=0, le=100, default=80
         ),
         disable_safety_checker: bool = Input(description="Disable the safety checker", default=False),
+        lora_weights: str | None = Input(
+            description="LoRA to apply: a Hugging Face repo (owner/name or owner/name/file.safetensors), a "
+            "huggingface.co URL, an http(s) URL of a .safetensors file, a Replicate weights .tar, or a CivitAI URL",
+            default=None,
+        ),
+        lora_strength: float = Input(
+            description="How strongly the LoRA applies; 0 turns it off", ge=MIN_STRENGTH, le=MAX_STRENGTH, default=1.0
+        ),
+        extra_lora_weights: str | None = Input(description="A second LoRA, the same sources", default=None),
+        extra_lora_strength: float = Input(
+            description="How strongly the second LoRA applies", ge=MIN_STRENGTH, le=MAX_STRENGTH, default=1.0
+        ),
     ) -> Path:
         image_file = accepted_file(input_image)
+        loras = [
+            LoraRequest(source, strength, name)
+            for source, strength, name in (
+                (lora_weights, lora_strength, "lora_weights"),
+                (extra_lora_weights, extra_lora_strength, "extra_lora_weights"),
+            )
+            if source and source.strip()
+        ]
         try:
             result = run_edit(
                 self.model, image_file, prompt, aspect_ratio=aspect_ratio, num_steps=num_inference_steps,
                 guidance=guidance, seed=seed, acceleration=acceleration, check_safety=not disable_safety_checker,
+                loras=loras,
             )  # fmt: skip
         finally:
             release_memory(self.model.components.device)
@@ -81,6 +103,8 @@ class Predictor(BaseRunner):
         self.record_metric("transformer_calls", report.transformer_calls)
         for phase, seconds in report.seconds.items():
             self.record_metric(f"seconds.{phase}", round(seconds, 4))
+        if report.loras:
+            self.record_metric("loras", report.loras)
         out = save_image(result.image, new_output_path(output_format), output_format, output_quality)
         return Path(out)
 

@@ -61,7 +61,23 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--acceleration", default="go fast", choices=taylor_utils.ACCELERATION_LEVELS)
     e.add_argument("--quality", type=int, default=95, help="webp/jpg quality, 0 to 100")
     e.add_argument("--no-safety-checker", action="store_true")
+    e.add_argument(
+        "--lora", help="LoRA: owner/name[/file.safetensors], or an http(s) URL (.safetensors, .tar, CivitAI)"
+    )
+    e.add_argument("--lora-strength", type=float, default=1.0, help="-1 to 3; 0 turns it off")
+    e.add_argument("--extra-lora", help="a second LoRA, the same sources")
+    e.add_argument("--extra-lora-strength", type=float, default=1.0)
     return parser
+
+
+def _loras(args: argparse.Namespace) -> list:
+    from flux.lora import LoraRequest
+
+    given = [
+        (args.lora, args.lora_strength, "lora_weights"),
+        (args.extra_lora, args.extra_lora_strength, "extra_lora_weights"),
+    ]
+    return [LoraRequest(source, strength, name) for source, strength, name in given if source]
 
 
 def _seed(text: str) -> int:
@@ -106,7 +122,7 @@ def edit_command(args: argparse.Namespace) -> int:
         result = run_edit(
             model, args.image, args.prompt, aspect_ratio=args.aspect_ratio, num_steps=args.steps,
             guidance=args.guidance, seed=args.seed, acceleration=args.acceleration,
-            check_safety=not args.no_safety_checker, on_step=on_step,
+            check_safety=not args.no_safety_checker, on_step=on_step, loras=_loras(args),
         )  # fmt: skip
     finally:
         bar.close()

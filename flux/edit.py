@@ -97,6 +97,7 @@ class EditReport:
     transformer_seconds: float = 0.0
     forecast_seconds: float = 0.0
     cache_bytes: int = 0
+    loras: list[dict] = field(default_factory=list)  # the LoRAs merged for this edit (set by the pipeline)
 
     def summary(self) -> str:
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())

@@ -9,6 +9,7 @@ used. The token (``HF_TOKEN``) is sent as an Authorization header and never prin
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -28,7 +29,11 @@ USER_AGENT = "flux-kontext-cog-fetcher/1"
 
 
 class FetchError(RuntimeError):
-    """A file could not be fetched; the message says why and what to do."""
+    """A file could not be fetched; the message says why and what to do. ``status``: the HTTP status, if any."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -84,18 +89,68 @@ def _headers(token: str | None) -> dict[str, str]:
     return {"User-Agent": USER_AGENT, **({"Authorization": f"Bearer {token}"} if token else {})}
 
 
-def _open(url: str, token: str | None, start: int, timeout: float):
-    headers = _headers(token)
-    if start:
-        headers["Range"] = f"bytes={start}-"
-    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-
-
 def _set_aside(root: Path, path: Path) -> Path:
     rejected = root / ".rejected" / f"{path.relative_to(root)}.{int(time.time() * 1000)}"
     rejected.parent.mkdir(parents=True, exist_ok=True)
     os.replace(path, rejected)
     return rejected
+
+
+def stream(
+    url: str,
+    partial: Path,
+    headers: dict[str, str],
+    expected: int | None = None,
+    limit: int | None = None,
+    retries: int = 5,
+    backoff: float = 0.5,
+    timeout: float = 60.0,
+    on_bytes: Callable[[int], None] = lambda n: None,
+    name: str = "file",
+) -> int:
+    """Download ``url`` into ``partial``, resuming after a dropped connection with an HTTP Range
+    request; returns the bytes transferred. HTTP errors other than 5xx are raised at once as
+    FetchError with their ``status``; ``limit`` stops a body larger than it."""
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    transferred = 0
+    attempt = 0
+    while True:
+        start = partial.stat().st_size if partial.exists() else 0
+        if expected is not None and start >= expected:
+            break  # complete (or too long: the caller's checks set it aside)
+        try:
+            request_headers = {**headers, **({"Range": f"bytes={start}-"} if start else {})}
+            with urllib.request.urlopen(urllib.request.Request(url, headers=request_headers), timeout=timeout) as r:
+                if start and r.status != 206:
+                    start = 0  # the server ignored the Range: start over
+                length = r.headers.get("Content-Length")
+                if expected is None and length:  # a body cut short is then resumed, not taken as whole
+                    expected = start + int(length)
+                if limit is not None and length and start + int(length) > limit:
+                    raise FetchError(f"{name} is {start + int(length)} bytes, over the limit of {limit}", status=413)
+                with open(partial, "ab" if start else "wb") as out:
+                    while block := r.read(CHUNK):
+                        out.write(block)
+                        transferred += len(block)
+                        on_bytes(len(block))
+                        if limit is not None and start + transferred > limit:
+                            raise FetchError(f"{name} is over the limit of {limit} bytes", status=413)
+            if expected is None or partial.stat().st_size >= expected:
+                break
+            raise ConnectionError("connection closed before the end of the file")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416:  # nothing left to send from this offset: the caller checks what we have
+                break
+            if exc.code < 500 or attempt >= retries:
+                raise FetchError(f"{name}: HTTP {exc.code}", status=exc.code) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, http.client.HTTPException) as exc:
+            if attempt >= retries:
+                raise FetchError(
+                    f"{name}: connection failed after {retries} retries ({exc}); try again to resume"
+                ) from None
+        attempt += 1
+        time.sleep(backoff * 2 ** (attempt - 1))
+    return transferred
 
 
 def fetch_file(
@@ -104,52 +159,26 @@ def fetch_file(
     root: Path,
     base_url: str | None = None,
     token: str | None = None,
-    retries: int = 5,
-    backoff: float = 0.5,
-    timeout: float = 60.0,
     on_bytes: Callable[[int], None] = lambda n: None,
+    **stream_options,
 ) -> int:
     """Download one manifest entry into ``root``; returns the bytes transferred."""
     target = root / entry["path"]
     partial = target.with_name(target.name + ".part")
-    partial.parent.mkdir(parents=True, exist_ok=True)
     url = file_url(entry, manifest, base_url)
     expected = entry.get("size")
-    transferred = 0
-    attempt = 0
-    while True:
-        start = partial.stat().st_size if partial.exists() else 0
-        if expected is not None and start >= expected:
-            break  # complete (or too long: the checks below set it aside)
-        try:
-            with _open(url, token, start, timeout) as response:
-                if start and response.status != 206:
-                    start = 0  # the server ignored the Range: start over
-                with open(partial, "ab" if start else "wb") as out:
-                    while block := response.read(CHUNK):
-                        out.write(block)
-                        transferred += len(block)
-                        on_bytes(len(block))
-            if expected is None or partial.stat().st_size >= expected:
-                break
-            raise ConnectionError("connection closed before the end of the file")
-        except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):
-                raise FetchError(f"{entry['path']}: HTTP {exc.code}, {_licence_hint(manifest, entry)}") from None
-            if exc.code == 404:
-                raise FetchError(f"{entry['path']}: not found (HTTP 404) at {_redact(url, token)}") from None
-            if exc.code == 416:  # nothing left to send from this offset: check what we have
-                break
-            if exc.code < 500 or attempt >= retries:
-                raise FetchError(f"{entry['path']}: HTTP {exc.code} from {_redact(url, token)}") from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
-            if attempt >= retries:
-                raise FetchError(
-                    f"{entry['path']}: connection failed after {retries} retries ({_redact(str(exc), token)}); "
-                    "run the command again to resume"
-                ) from None
-        attempt += 1
-        time.sleep(backoff * 2 ** (attempt - 1))
+    try:
+        transferred = stream(
+            url, partial, _headers(token), expected=expected, on_bytes=on_bytes, name=entry["path"], **stream_options
+        )
+    except FetchError as exc:
+        if exc.status in (401, 403):
+            raise FetchError(f"{entry['path']}: HTTP {exc.status}, {_licence_hint(manifest, entry)}") from None
+        if exc.status == 404:
+            raise FetchError(f"{entry['path']}: not found (HTTP 404) at {_redact(url, token)}") from None
+        if exc.status is not None:
+            raise FetchError(f"{entry['path']}: HTTP {exc.status} from {_redact(url, token)}") from None
+        raise FetchError(_redact(str(exc), token)) from None
 
     size = partial.stat().st_size
     if expected is not None and size != expected:

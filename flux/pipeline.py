@@ -13,9 +13,10 @@ from PIL import Image
 
 from flux import images, sizes, weights
 from flux.edit import MAX_SEED, EditResult, EditSettings, StepCallback, base_side, edit
-from flux.errors import EditError
+from flux.errors import EditError, InputError
 from flux.fast import optimize
 from flux.loading import Components, load_components
+from flux.lora import MAX_STRENGTH, MIN_STRENGTH, LoraRequest, LoraState, describe
 from flux.safety import SafetyChecker, is_flagged, load_safety_checker
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ class Model:
     weights_dir: Path
     seconds: dict[str, float] = field(default_factory=dict)
     fast_path: dict[str, object] = field(default_factory=dict)
+    loras: LoraState | None = None
+
+    def __post_init__(self) -> None:
+        self.loras = self.loras or LoraState(self.components.transformer)
 
 
 def load_model(weights_dir: str | Path, with_safety: bool = True, fast: bool = True) -> Model:
@@ -58,6 +63,33 @@ def warm_up(model: Model, output_sizes: list[tuple[int, int]]) -> float:
     return model.seconds["warm_up"]
 
 
+def use_loras(model: Model, loras: list[LoraRequest]) -> tuple[list[dict], dict[str, float]]:
+    """Merge the request's LoRAs into the transformer (or restore the base weights when it has none);
+    returns what was used and the seconds spent fetching, loading and merging."""
+    for request in loras:
+        if not MIN_STRENGTH <= request.strength <= MAX_STRENGTH:
+            field_name = request.field.replace("weights", "strength")
+            raise InputError(f"{field_name} must be between {MIN_STRENGTH} and {MAX_STRENGTH}; got {request.strength}")
+    used, seconds = [], {"lora_fetch": 0.0, "lora_load": 0.0}
+    wanted = []
+    for request in loras:
+        lora, cost = model.loras.load(request)
+        seconds["lora_fetch"] += cost["fetch_seconds"]
+        seconds["lora_load"] += cost["load_seconds"]
+        wanted.append((lora, request.strength))
+        used.append({"source": describe(request.source), "strength": request.strength, "downloaded": cost["downloaded"],
+                     "layers": len(lora.layers)})  # fmt: skip
+        log.info(
+            "%s %s at strength %g (%d layers)",
+            request.field,
+            describe(request.source),
+            request.strength,
+            len(lora.layers),
+        )
+    seconds["lora_merge"] = model.loras.apply(wanted)
+    return used, (seconds if loras or seconds["lora_merge"] else {})
+
+
 def new_seed() -> int:
     return secrets.randbelow(MAX_SEED + 1)
 
@@ -73,12 +105,14 @@ def run_edit(
     acceleration: str = "go fast",
     check_safety: bool = True,
     on_step: StepCallback | None = None,
+    loras: list[LoraRequest] | None = None,
 ) -> EditResult:
     """One edit from an image file (or its bytes); a seed of None draws a random one, 0 is a seed.
     Seeds run from 0 to MAX_SEED; each gives its own noise."""
     image = images.load_image(image_source)
     width, height = sizes.output_size(aspect_ratio, *image.size, base_side(model.components))
     seed = new_seed() if seed is None else int(seed)
+    lora_report, lora_seconds = use_loras(model, loras or [])
     log.info("seed %d, %dx%d output, acceleration %r, %d steps", seed, width, height, acceleration, num_steps)
     result = edit(
         model.components,
@@ -89,6 +123,8 @@ def run_edit(
         ),
         on_step=on_step,
     )  # fmt: skip
+    result.report.loras = lora_report
+    result.report.seconds.update(lora_seconds)
     if check_safety and model.safety is not None:
         start = time.perf_counter()
         flagged = is_flagged(model.safety, result.image)

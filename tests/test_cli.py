@@ -52,3 +52,28 @@ def test_seed_outside_the_range_is_refused(tiny_weights, tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "--seed: must be between 0 and 4294967295" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_lora_on_the_command_line(tiny_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUX_LORA_CACHE", str(tmp_path / "cache"))
+    from flux.lab.loras import make_lora, write_lora
+    from flux.loading import load_components
+
+    transformer = load_components(tiny_weights).transformer
+    lora_file = write_lora(tmp_path / "site" / "style.safetensors", make_lora(transformer, "peft", seed=4))
+    source = tmp_path / "in.png"
+    source.write_bytes(image_bytes(random_image(64, 48)))
+    outputs = {}
+    from tests.weights_server import serve_tree
+
+    with serve_tree(lora_file.parent) as (url, _):
+        for name, extra in [("base", []), ("lora", ["--lora", f"{url}/style.safetensors", "--lora-strength", "0.8"])]:
+            out = tmp_path / f"{name}.png"
+            result = run_cli(
+                "edit", "--weights", str(tiny_weights), "--image", str(source), "--prompt", "x", "--out", str(out),
+                "--steps", "4", "--seed", "2", *extra, cwd=None,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            outputs[name] = out.read_bytes()
+    assert outputs["base"] != outputs["lora"]
+    assert "lora_weights http://127.0.0.1" in result.stderr and "strength 0.8" in result.stderr

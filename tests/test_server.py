@@ -14,7 +14,8 @@ from tests.conftest import image_bytes, random_image
 
 INPUTS = [
     "prompt", "input_image", "aspect_ratio", "num_inference_steps", "guidance", "seed", "acceleration",
-    "output_format", "output_quality", "disable_safety_checker",
+    "output_format", "output_quality", "disable_safety_checker", "lora_weights", "lora_strength",
+    "extra_lora_weights", "extra_lora_strength",
 ]  # fmt: skip
 
 

@@ -1,0 +1,256 @@
+"""LoRA per request: sources, the disk cache, diffusers' conversion, exact merge and restore,
+bad LoRAs, and swapping under the compiled transformer."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+
+from flux import lora
+from flux.edit import EditSettings, LabOverrides, edit
+from flux.errors import InputError
+from flux.fast import FastSettings, compile_transformer
+from flux.lab.loras import make_lora, write_lora
+from flux.loading import load_components
+from tests.conftest import random_image
+from tests.test_compile import COUNTING
+from tests.weights_server import Faults, serve_tree
+
+
+@pytest.fixture
+def lora_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUX_LORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def transformer(tiny_weights):
+    return load_components(tiny_weights).transformer
+
+
+def _tar(path: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
+    with tarfile.open(path, "w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            archive.addfile(info)
+    return path
+
+
+def test_sources_resolve_to_files(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "https://huggingface.co")
+    assert lora.resolve("me/style/lora.safetensors") == (
+        "https://huggingface.co/me/style/resolve/main/lora.safetensors", "file"
+    )  # fmt: skip
+    assert lora.resolve("https://huggingface.co/me/style/blob/v2/sub/x.safetensors") == (
+        "https://huggingface.co/me/style/resolve/v2/sub/x.safetensors", "file"
+    )  # fmt: skip
+    assert lora.resolve("https://replicate.delivery/abc/trained_model.tar") == (
+        "https://replicate.delivery/abc/trained_model.tar", "tar"
+    )  # fmt: skip
+    civitai = "https://civitai.com/api/download/models/12345?type=Model&format=SafeTensor"
+    assert lora.resolve(civitai) == (civitai, "file")
+    assert lora.describe("https://x.org/a.safetensors?token=secret") == "https://x.org/a.safetensors"
+
+
+@pytest.mark.parametrize(
+    "source,message",
+    [
+        ("https://example.com/lora.bin", "pickle file"),
+        ("me/style/model.ckpt", "pickle file"),
+        ("https://example.com/lora.pt?download=1", "pickle file"),
+        ("/etc/passwd", "must be a Hugging Face repo"),
+        ("ftp://example.com/x.safetensors", "must be a Hugging Face repo"),
+    ],
+)
+def test_refused_sources_fail_before_any_download(source, message):
+    with pytest.raises(InputError, match=message):
+        lora.resolve(source)
+
+
+def test_hub_repo_and_cache(lora_env, transformer, monkeypatch):
+    """A repo id asks the Hub (here a local server) for its one .safetensors; the second use downloads nothing."""
+    root = lora_env / "hub"
+    write_lora(root / "me" / "style" / "resolve" / "main" / "lora.safetensors", make_lora(transformer, "peft"))
+    api = root / "api" / "models" / "me" / "style" / "revision"
+    api.mkdir(parents=True)
+    (api / "main").write_text(json.dumps({"siblings": [{"rfilename": "README.md"}, {"rfilename": "lora.safetensors"}]}))
+    with serve_tree(root, Faults(token="hf_secret")) as (url, log):
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")
+        path, downloaded = lora.fetch_lora("me/style")
+        assert downloaded and path.is_file()
+        again, downloaded_again = lora.fetch_lora("me/style")
+        assert again == path and not downloaded_again
+        assert [r["path"] for r in log.requests] == [
+            "api/models/me/style/revision/main",
+            "me/style/resolve/main/lora.safetensors",
+        ]
+        assert all(r["authorization"] == "Bearer hf_secret" for r in log.requests)
+        monkeypatch.setenv("HF_TOKEN", "wrong")
+        with pytest.raises(InputError, match=r"access denied \(HTTP 401\).*set HF_TOKEN") as caught:
+            lora.fetch_lora("me/other")
+        assert "wrong" not in str(caught.value)
+
+
+def test_tar_archives(lora_env, transformer):
+    good = io.BytesIO()
+    write_lora(lora_env / "l.safetensors", make_lora(transformer, "peft"))
+    data = (lora_env / "l.safetensors").read_bytes()
+    root = lora_env / "site"
+    root.mkdir()
+    _tar(root / "ok.tar", {"output/config.yaml": b"x", "output/lora.safetensors": data})
+    _tar(root / "two.tar", {"a.safetensors": data, "b.safetensors": data})
+    _tar(root / "escape.tar", {"../../evil.safetensors": data})
+    _tar(root / "link.tar", {"lora.safetensors": data}, links={"other.safetensors": "/etc/passwd"})
+    del good
+    with serve_tree(root) as (url, _):
+        path, _ = lora.fetch_lora(f"{url}/ok.tar")
+        assert path.read_bytes() == data
+        for name, message in [
+            ("two.tar", "exactly one .safetensors"),
+            ("escape.tar", "outside its folder"),
+            ("link.tar", "link"),
+        ]:
+            with pytest.raises(InputError, match=message):
+                lora.fetch_lora(f"{url}/{name}")
+    assert not list((lora_env / "cache").glob("*.part")) and not (lora_env / "evil.safetensors").exists()
+
+
+def test_download_failures_and_limits(lora_env, transformer, monkeypatch):
+    root = lora_env / "site"
+    write_lora(root / "good.safetensors", make_lora(transformer, "peft"))
+    (root / "big.safetensors").write_bytes((root / "good.safetensors").read_bytes())
+    (root / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    faults = Faults(drop_after={"good.safetensors": 100})
+    with serve_tree(root, faults) as (url, log):
+        with pytest.raises(InputError, match=r"not found \(HTTP 404\)"):
+            lora.fetch_lora(f"{url}/missing.safetensors")
+        with pytest.raises(InputError, match="not a valid .safetensors file"):
+            lora.fetch_lora(f"{url}/corrupt.safetensors")
+        monkeypatch.setenv("FLUX_LORA_MAX_BYTES", "1000")
+        with pytest.raises(InputError, match="larger than the limit of 1000 bytes"):
+            lora.fetch_lora(f"{url}/big.safetensors")
+        monkeypatch.delenv("FLUX_LORA_MAX_BYTES")
+        # a dropped connection is resumed with a Range request
+        path, downloaded = lora.fetch_lora(f"{url}/good.safetensors")
+        assert downloaded and path.read_bytes() == (root / "good.safetensors").read_bytes()
+        assert any(r["range"] for r in log.requests)
+    assert not list((lora_env / "cache").glob("*.part"))
+
+
+def test_cache_evicts_the_least_recently_used(lora_env, monkeypatch):
+    cache = lora_env / "cache"
+    cache.mkdir()
+    paths = []
+    for i in range(3):
+        p = cache / f"{i}.safetensors"
+        p.write_bytes(b"x" * 1000)
+        import os
+
+        os.utime(p, (1000 + i, 1000 + i))
+        paths.append(p)
+    monkeypatch.setenv("FLUX_LORA_CACHE_BYTES", "2500")
+    assert lora.evict() == [paths[0]]
+    assert [p.exists() for p in paths] == [False, True, True]
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+def test_formats_convert_through_diffusers(transformer, tmp_path, fmt):
+    path = write_lora(tmp_path / "l.safetensors", make_lora(transformer, fmt))
+    loaded = lora.convert(path, fmt, transformer)
+    assert loaded.layers
+    for name, (down, up) in loaded.layers.items():
+        module = transformer.get_submodule(name)
+        assert down.shape[1] == module.in_features and up.shape[0] == module.out_features
+
+
+def test_fal_kontext_format_converts_onto_the_real_model_layers(tmp_path):
+    """diffusers' fal Kontext converter assumes the real 19 + 38 blocks at width 3072: checked on the
+    real architecture built on the meta device (no memory), with a rank-1 LoRA."""
+    from diffusers import FluxTransformer2DModel
+
+    from flux.lab import architecture
+
+    with torch.device("meta"):
+        real = FluxTransformer2DModel(**{k: v for k, v in architecture.TRANSFORMER.items() if not k.startswith("_")})
+    with torch.device("cpu"):
+        sd = make_lora(real, "fal", rank=1, scale=0.01)
+    loaded = lora.convert(write_lora(tmp_path / "fal.safetensors", sd), "fal", real)
+    assert len(loaded.layers) > 19 * 10  # every double and single block's linears
+
+
+def test_loras_for_other_models_or_shapes_are_errors(transformer, tmp_path):
+    sdxl = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)}  # fmt: skip
+    with pytest.raises(InputError, match="matches no layer|not one diffusers"):
+        lora.convert(write_lora(tmp_path / "sdxl.safetensors", sdxl), "sdxl", transformer)
+    wrong = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 7),
+             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}  # fmt: skip
+    with pytest.raises(InputError, match="do not fit the layer"):
+        lora.convert(write_lora(tmp_path / "wrong.safetensors", wrong), "wrong", transformer)
+    nowhere = {"transformer.not_a_layer.lora_A.weight": torch.zeros(4, 32),
+               "transformer.not_a_layer.lora_B.weight": torch.zeros(32, 4)}  # fmt: skip
+    with pytest.raises(InputError, match="not a linear layer of this model"):
+        lora.convert(write_lora(tmp_path / "nowhere.safetensors", nowhere), "nowhere", transformer)
+
+
+def test_merge_and_exact_restore(tiny_weights, tmp_path):
+    t = load_components(tiny_weights).transformer
+    base = {k: v.clone() for k, v in t.state_dict().items()}
+    state = lora.LoraState(t)
+    a = lora.convert(write_lora(tmp_path / "a.safetensors", make_lora(t, "peft", rank=4, seed=1)), "a", t)
+    b = lora.convert(write_lora(tmp_path / "b.safetensors", make_lora(t, "kohya", rank=8, seed=2)), "b", t)
+    for wanted in ([(a, 1.0)], [(a, 0.5), (b, 1.0)], [(b, -1.0)], [(a, 1.0)], [(a, 1.0)]):
+        state.apply(wanted)
+        assert not all(torch.equal(base[k], v) for k, v in t.state_dict().items())
+    name = next(iter(a.layers))
+    down, up = a.layers[name]
+    expected = (base[f"{name}.weight"].float() + up @ down).to(base[f"{name}.weight"].dtype)
+    assert torch.equal(t.get_submodule(name).weight, expected)
+    state.apply([(a, 0.0)])  # strength 0: the base weights, bit for bit
+    assert all(torch.equal(base[k], v) for k, v in t.state_dict().items())
+    state.apply([(b, 2.0)])
+    state.apply([])
+    assert all(torch.equal(base[k], v) for k, v in t.state_dict().items())
+    assert state.originals == {}
+
+
+def test_swapping_loras_and_strengths_never_compiles(tiny_weights, tmp_path):
+    """Dynamo (counting backend): two LoRAs of different ranks and several strengths, one graph."""
+    c = load_components(tiny_weights)
+    torch._dynamo.reset()
+    compile_transformer(c, FastSettings(compile="1", compile_backend="flux_test_counting"))
+    state = lora.LoraState(c.transformer)
+    low = lora.convert(
+        write_lora(tmp_path / "r4.safetensors", make_lora(c.transformer, "peft", rank=4)), "r4", c.transformer
+    )
+    high = lora.convert(
+        write_lora(tmp_path / "r16.safetensors", make_lora(c.transformer, "kohya", rank=16)), "r16", c.transformer
+    )
+    settings = EditSettings(prompt="x", width=32, height=32, seed=1, num_steps=4)
+    pinned = LabOverrides(condition_size=(32, 32))
+    image = random_image(32, 32)
+    base = edit(c, image, settings, lab=pinned).latents  # compiles
+    graphs = COUNTING.graphs
+    outputs = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for wanted in ([(low, 1.0)], [(high, 1.0)], [(high, 0.3)], [(low, 2.0), (high, -0.5)], []):
+            state.apply(wanted)
+            outputs.append(edit(c, image, settings, lab=pinned).latents)
+    assert COUNTING.graphs == graphs
+    assert not torch.equal(outputs[0], base) and not torch.equal(outputs[1], outputs[2])
+    assert torch.equal(outputs[-1], base)
+    torch._dynamo.reset()
