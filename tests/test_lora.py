@@ -254,3 +254,24 @@ def test_swapping_loras_and_strengths_never_compiles(tiny_weights, tmp_path):
     assert not torch.equal(outputs[0], base) and not torch.equal(outputs[1], outputs[2])
     assert torch.equal(outputs[-1], base)
     torch._dynamo.reset()
+
+
+def test_fp8_weights_refuse_a_merge_and_keep_the_base(tiny_weights, tmp_path):
+    """A quantized weight (a tensor subclass, as torchao's FP8 weights are) is never merged into."""
+    from flux.errors import EditError
+
+    class QuantizedStandIn(torch.Tensor):
+        pass
+
+    t = load_components(tiny_weights).transformer
+    a = lora.convert(write_lora(tmp_path / "a.safetensors", make_lora(t, "peft", seed=3)), "a", t)
+    base = {k: v.clone() for k, v in t.state_dict().items()}
+    last = sorted(a.layers)[-1]
+    module = t.get_submodule(last)
+    module.weight = torch.nn.Parameter(
+        torch.Tensor._make_subclass(QuantizedStandIn, module.weight.data), requires_grad=False
+    )
+    state = lora.LoraState(t)
+    with pytest.raises(EditError, match="FLUX_FP8=off"):
+        state.apply([(a, 1.0)])
+    assert all(torch.equal(base[k], v) for k, v in t.state_dict().items()) and state.originals == {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,48 @@ def _unseen_sizes(c, base: int, say, mode: str) -> dict:
         }
         say(f"{mode} / unseen {width}x{height}: first edit {first['seconds_per_edit']:.2f}s, "
             f"next {then['seconds_per_edit']:.2f}s")  # fmt: skip
+    return figures
+
+
+def _lora_case(c, image, size: int, say, mode: str) -> dict:
+    """Two LoRAs (fal Kontext layout at full size, rank 16; peft layout, rank 64) merged, swapped and removed:
+    seconds of each step and of a "go fast" edit with and without a LoRA, under the compiled graph."""
+    from flux import lora
+    from flux.lab.loras import make_lora, write_lora
+
+    figures: dict = {}
+    folder = Path(tempfile.mkdtemp(prefix="gpu-check-lora-"))
+    try:
+        state = lora.LoraState(c.transformer)
+        loaded = []
+        config = c.transformer.config
+        real_layout = (config.num_layers, config.num_single_layers, config.attention_head_dim) == (19, 38, 128)
+        # diffusers' fal Kontext converter assumes the real layout; the rehearsal's tiny model gets kohya
+        for fmt, rank in (("fal" if real_layout else "kohya", 16), ("peft", 64)):
+            start = time.perf_counter()
+            path = write_lora(folder / f"{fmt}.safetensors", make_lora(c.transformer, fmt, rank=rank, scale=0.05))
+            loaded.append(lora.convert(path, fmt, c.transformer))
+            figures[f"convert_{fmt}_rank{rank}_seconds"] = time.perf_counter() - start
+        figures["edit_without_lora_seconds"] = _edit(c, image, (size, size), "go fast")["seconds_per_edit"]
+        synchronize(c.device)
+        figures["merge_first_seconds"] = state.apply([(loaded[0], 1.0)])
+        figures["edit_with_lora_seconds"] = _edit(c, image, (size, size), "go fast")["seconds_per_edit"]
+        figures["swap_seconds"] = state.apply([(loaded[1], 0.8)])
+        figures["strength_change_seconds"] = state.apply([(loaded[1], 0.4)])
+        figures["two_loras_seconds"] = state.apply([(loaded[0], 1.0), (loaded[1], 0.5)])
+        figures["edit_with_two_loras_seconds"] = _edit(c, image, (size, size), "go fast")["seconds_per_edit"]
+        start = time.perf_counter()
+        state.apply([])
+        synchronize(c.device)
+        figures["restore_seconds"] = time.perf_counter() - start
+        figures["edit_after_restore_seconds"] = _edit(c, image, (size, size), "go fast")["seconds_per_edit"]
+        say(f"{mode} / LoRA: merge {figures['merge_first_seconds']:.2f}s, swap {figures['swap_seconds']:.2f}s, "
+            f"edit {figures['edit_with_lora_seconds']:.2f}s with, {figures['edit_without_lora_seconds']:.2f}s without")  # fmt: skip
+    except Exception as exc:  # FP8 refuses a merge by design: recorded, not fatal
+        figures["error"] = f"{type(exc).__name__}: {exc}"
+        say(f"{mode} / LoRA: {figures['error']}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return figures
 
 
@@ -163,6 +206,8 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
                     f"{figures['seconds_per_transformer_call'] * 1000:.0f} ms per call")  # fmt: skip
             if mode in ("compiled", "compiled static"):
                 modes[mode]["unseen_sizes"] = _unseen_sizes(c, size, say, mode)
+            if mode in ("compiled", "compiled+fp8"):
+                modes[mode]["lora"] = _lora_case(c, image, size, say, mode)
         except Exception as exc:  # record and go on: the other modes are still worth measuring
             modes.setdefault(mode, {})["error"] = f"{type(exc).__name__}: {exc}"
             say(f"{mode} failed:\n{traceback.format_exc()}")
