@@ -1,7 +1,10 @@
 """The weights fetcher: parallel, resumable (HTTP Range), verified before a file reaches its final path.
 
-Files come from the Hugging Face Hub (URLs built with huggingface_hub) or from any plain HTTPS
-mirror laid out like the weights tree (``base_url``). Each file is written to ``PATH.part``,
+Files come from the Hugging Face Hub (``HF_ENDPOINT``, at each source's pinned revision) or from
+any plain HTTPS mirror laid out like the weights tree (``base_url``, ``WEIGHTS_BASE_URL``). A file the
+manifest gives no sha256 for is checked against what the Hub reports for it at the pinned revision
+(its LFS sha256, or the git blob hash of a small file), so no file is accepted on its size alone
+when a hash can be had. Each file is written to ``PATH.part``,
 resumed from where it stopped after a dropped connection, and renamed to ``PATH`` only when its
 size and sha256 match the manifest; a mismatching file is moved aside to ``.rejected/`` and never
 used. The token (``HF_TOKEN``) is sent as an Authorization header and never printed.
@@ -11,11 +14,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import shutil
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flux import weights
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 USER_AGENT = "flux-kontext-cog-fetcher/1"
@@ -44,13 +51,78 @@ class FetchReport:
     seconds: float = 0.0
 
 
+def hf_endpoint() -> str:
+    """The Hugging Face Hub's address (HF_ENDPOINT, as huggingface_hub reads it)."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
 def file_url(entry: dict, manifest: dict, base_url: str | None) -> str:
     if base_url:
         return base_url.rstrip("/") + "/" + entry["path"]
-    from huggingface_hub import hf_hub_url
-
     source = manifest["sources"][entry["source"]]
-    return hf_hub_url(source["repository"], entry["remote"], revision=source.get("revision") or "main")
+    revision = source.get("revision") or "main"
+    return f"{hf_endpoint()}/{source['repository']}/resolve/{revision}/{urllib.parse.quote(entry['remote'])}"
+
+
+def hub_file_info(repository: str, revision: str, paths: list[str], token: str | None) -> dict[str, dict]:
+    """What the Hub reports for files at a revision: {path: {"size", "sha256" (LFS files) or "git_sha1"}}."""
+    url = f"{hf_endpoint()}/api/models/{repository}/paths-info/{revision}"
+    body = urllib.parse.urlencode([("paths", p) for p in paths] + [("expand", "true")]).encode()
+    headers = {**_headers(token), "Content-Type": "application/x-www-form-urlencoded"}
+    with urllib.request.urlopen(
+        urllib.request.Request(url, data=body, headers=headers, method="POST"), timeout=30
+    ) as r:
+        listing = json.loads(r.read())
+    info = {}
+    for item in listing:
+        if item.get("type", "file") != "file":
+            continue
+        lfs = item.get("lfs") or {}
+        hashes = {"sha256": lfs["oid"]} if lfs.get("oid") else {"git_sha1": item.get("oid")}
+        info[item["path"]] = {"size": item.get("size"), **hashes}
+    return info
+
+
+def with_hub_hashes(manifest: dict, token: str | None) -> dict:
+    """The manifest, with the Hub's size and hash filled in for every file it has no sha256 for."""
+    missing: dict[str, list[dict]] = {}
+    for entry in manifest["files"]:
+        if not entry.get("sha256") and entry.get("source"):
+            missing.setdefault(entry["source"], []).append(entry)
+    if not missing:
+        return manifest
+    filled = {**manifest, "files": [dict(e) for e in manifest["files"]]}
+    by_path = {e["path"]: e for e in filled["files"]}
+    for name, entries in missing.items():
+        source = manifest["sources"][name]
+        revision = source.get("revision") or "main"
+        try:
+            info = hub_file_info(source["repository"], revision, [e["remote"] for e in entries], token)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            log.warning(
+                "could not ask the Hub for the hashes of %d files of %s@%s (%s): they are checked by size only",
+                len(entries), source["repository"], revision, _redact(str(exc), token),
+            )  # fmt: skip
+            continue
+        for entry in entries:
+            reported = info.get(entry["remote"])
+            if reported is None:
+                raise FetchError(
+                    f"{entry['path']}: the Hub lists no {entry['remote']} in {source['repository']}@{revision}"
+                )
+            target = by_path[entry["path"]]
+            if target.get("size") is None:
+                target["size"] = reported["size"]
+            target.update({k: v for k, v in reported.items() if k in ("sha256", "git_sha1") and v})
+    return filled
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The git blob hash of a file (what the Hub reports as the oid of a file not in LFS)."""
+    import hashlib
+
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def _licence_hint(manifest: dict, entry: dict) -> str:
@@ -188,7 +260,14 @@ def fetch_file(
         digest = weights.sha256_of(partial)
         if digest != entry["sha256"]:
             aside = _set_aside(root, partial)
-            raise FetchError(f"{entry['path']}: sha256 {digest} does not match the manifest; set aside as {aside}")
+            raise FetchError(f"{entry['path']}: sha256 {digest} does not match {entry['sha256']}; set aside as {aside}")
+    elif entry.get("git_sha1"):
+        digest = git_blob_sha1(partial)
+        if digest != entry["git_sha1"]:
+            aside = _set_aside(root, partial)
+            raise FetchError(
+                f"{entry['path']}: git hash {digest} does not match the Hub's {entry['git_sha1']}; set aside as {aside}"
+            )
     os.replace(partial, target)
     return transferred
 
@@ -219,6 +298,8 @@ def fetch(
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     token = token if token is not None else os.environ.get("HF_TOKEN") or None
+    given = manifest
+    manifest = with_hub_hashes(manifest, token)
     report = FetchReport()
     todo = []
     for entry in manifest["files"]:
@@ -261,8 +342,8 @@ def fetch(
             bar.close()
         if errors:
             raise FetchError("could not fetch every file:\n  " + "\n  ".join(sorted(errors)))
-    if manifest.get("files") != weights.load_manifest()["files"]:
-        (root / weights.TREE_MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    if given.get("files") != weights.load_manifest()["files"]:
+        (root / weights.TREE_MANIFEST_NAME).write_text(json.dumps(given, indent=2) + "\n")
     report.seconds = time.perf_counter() - started
     return report
 

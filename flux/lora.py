@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from flux.errors import EditError, InputError
-from flux.fetch import USER_AGENT, FetchError, stream
+from flux.fetch import USER_AGENT, FetchError, hf_endpoint, stream
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,6 @@ def describe(source: str) -> str:
     """The source as it may be logged and reported: a URL without its query (which can carry a token)."""
     parsed = urllib.parse.urlparse(source.strip())
     return parsed._replace(query="", fragment="").geturl() if parsed.scheme else source.strip()
-
-
-def hf_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
 def _host(url: str) -> str:

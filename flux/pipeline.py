@@ -4,6 +4,7 @@ check the weights, load the model, parse the input, size the output, edit, check
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from flux import images, sizes, weights
 from flux.edit import MAX_SEED, EditResult, EditSettings, StepCallback, base_side, edit
 from flux.errors import EditError, InputError
 from flux.fast import optimize
+from flux.fetch import FetchReport, fetch
 from flux.loading import Components, load_components
 from flux.lora import MAX_STRENGTH, MIN_STRENGTH, LoraRequest, LoraState, describe
 from flux.safety import SafetyChecker, is_flagged, load_safety_checker
@@ -35,11 +37,36 @@ class Model:
         self.loras = self.loras or LoraState(self.components.transformer)
 
 
+def fetch_missing_weights(weights_dir: str | Path) -> FetchReport | None:
+    """Fetch a missing or incomplete tree when a source is configured: a mirror or weights CDN
+    (WEIGHTS_BASE_URL) or the Hub (HF_TOKEN). Parallel, resumable, every file verified before it
+    reaches its final path. Without a source, nothing is fetched (the check then says what is missing)."""
+    if not weights.problems(weights_dir):
+        return None
+    base_url = os.environ.get("WEIGHTS_BASE_URL") or None
+    if base_url is None and not os.environ.get("HF_TOKEN"):
+        return None
+    manifest = weights.load_manifest(os.environ.get("WEIGHTS_MANIFEST") or weights.MANIFEST_PATH)
+    where = base_url or "the Hugging Face Hub"
+    log.info("weights in %s are incomplete: fetching them from %s", weights_dir, where)
+    report = fetch(weights_dir, manifest, base_url=base_url)
+    rate = report.bytes_downloaded / max(report.seconds, 1e-9) / 1e6
+    print(
+        f"fetched {len(report.downloaded)} files ({report.bytes_downloaded / 1e9:.2f} GB) from {where} in "
+        f"{report.seconds:.1f}s ({rate:.1f} MB/s), {len(report.skipped)} already verified"
+    )
+    return report
+
+
 def load_model(weights_dir: str | Path, with_safety: bool = True, fast: bool = True) -> Model:
-    """Verify the tree against its manifest (fails listing what is missing), load it, apply the GPU fast path."""
+    """Fetch missing weights if a source is set, verify the tree against its manifest (fails listing
+    what is missing), load it, apply the fast path."""
+    start = time.perf_counter()
+    fetched = fetch_missing_weights(weights_dir)
+    seconds = {"fetch": time.perf_counter() - start} if fetched else {}
     start = time.perf_counter()
     weights.require_complete(weights_dir)
-    seconds = {"check": time.perf_counter() - start}
+    seconds["check"] = time.perf_counter() - start
     start = time.perf_counter()
     components = load_components(weights_dir)
     safety = load_safety_checker(weights_dir, components.device, components.dtype) if with_safety else None

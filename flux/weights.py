@@ -70,7 +70,8 @@ def require_complete(weights_dir: str | Path) -> None:
         listed = "\n  ".join(found[:40]) + (f"\n  ... and {len(found) - 40} more" if len(found) > 40 else "")
         raise FileNotFoundError(
             f"the weights in {weights_dir} are incomplete:\n  {listed}\n"
-            f"Fetch them with: {FETCH_COMMAND.format(dir=weights_dir)}"
+            f"Fetch them with: {FETCH_COMMAND.format(dir=weights_dir)}, or let setup() fetch them: set "
+            "WEIGHTS_BASE_URL (a mirror or weights CDN) or HF_TOKEN (the Hugging Face Hub)"
         )
 
 

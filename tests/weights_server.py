@@ -63,6 +63,10 @@ def make_handler(root: Path, faults: Faults, log: Log):
                 self.send_header("Content-Length", str(target.stat().st_size))
                 self.end_headers()
 
+        def do_POST(self):  # the Hub's paths-info API: the answer is a file at that path
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.do_GET()
+
         def do_GET(self):
             target = self._check()
             if target is None:
