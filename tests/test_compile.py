@@ -8,7 +8,6 @@ import random
 import pytest
 import torch
 import torch._dynamo
-from torch._dynamo.backends.registry import register_backend
 
 import taylor_utils
 from flux import sizes
@@ -16,28 +15,8 @@ from flux.edit import EditSettings, LabOverrides, edit
 from flux.fast import FastSettings, compile_transformer, warm_up_sizes
 from flux.loading import load_components
 from tests.conftest import random_image
+from tests.counting import COUNTING
 from tests.test_predict import DEFAULTS, make_predictor
-
-
-class CountingBackend:
-    """A dynamo backend that runs the traced graph as it is and counts graphs compiled and graph runs."""
-
-    def __init__(self):
-        self.graphs = 0
-        self.runs = 0
-
-    def __call__(self, graph_module, example_inputs):
-        self.graphs += 1
-
-        def run(*args):
-            self.runs += 1
-            return graph_module.forward(*args)
-
-        return run
-
-
-COUNTING = CountingBackend()
-register_backend(compiler_fn=COUNTING, name="flux_test_counting")
 
 
 @pytest.fixture

@@ -56,3 +56,22 @@ def test_ssim_and_maps():
     assert ssim(a, 255 - a) < 0.5
     m = even_map(28, 13)
     assert len(m) == 28 and sum(m) == 13 and m[0] and m[-1]
+
+
+def test_a_lora_trained_on_the_proxy_goes_through_the_product_path(tmp_path):
+    """A few steps of LoRA training on the committed proxy, written in the peft layout, converted by
+    diffusers and merged by the product's LoRA path; the evaluation reports both sides."""
+    from flux.lab.train_lora import QUICK as LORA_QUICK
+    from flux.lab.train_lora import evaluate_lora, train_lora, write_grid
+    from flux.loading import load_components
+    from flux.lora import convert
+
+    proxy_weights = weights.PROJECT_ROOT / "flux" / "proxy_weights"
+    path = train_lora(proxy_weights, tmp_path / "l.safetensors", LORA_QUICK, log=lambda line: None)
+    transformer = load_components(proxy_weights).transformer
+    assert len(convert(path, "l", transformer).layers) > 20
+    result = evaluate_lora(proxy_weights, path, edits=2)
+    report = result["report"]
+    assert set(report["psnr_to_target"]) == {"identity", "without_lora", "with_lora"}
+    assert report["instruction"] == "make the background black"
+    assert write_grid(result["samples"], tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"

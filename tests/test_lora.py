@@ -19,7 +19,7 @@ from flux.fast import FastSettings, compile_transformer
 from flux.lab.loras import make_lora, write_lora
 from flux.loading import load_components
 from tests.conftest import random_image
-from tests.test_compile import COUNTING
+from tests.counting import COUNTING
 from tests.weights_server import Faults, serve_tree
 
 

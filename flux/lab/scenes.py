@@ -65,3 +65,13 @@ def make_example(rng: np.random.Generator, prompt: str | None = None) -> tuple[n
     scene = make_scene(rng)
     prompt = prompt or PROMPTS[rng.integers(len(PROMPTS))]
     return scene.image, prompt, EDITS[prompt](scene)
+
+
+def _black_background(scene: Scene) -> np.ndarray:
+    out = scene.image.copy()
+    out[~(scene.circle | scene.square)] = (0, 0, 0)
+    return out
+
+
+# An instruction the proxy was never trained on: a LoRA trained by flux.lab.train_lora teaches it.
+LORA_EDITS: dict[str, Callable[[Scene], np.ndarray]] = {"make the background black": _black_background}
