@@ -15,7 +15,7 @@ from cog import BaseRunner, Input, Path
 import taylor_utils
 from flux import sizes
 from flux.device import release_memory
-from flux.edit import MAX_SEED, base_side
+from flux.edit import MAX_SEED, MULTI_IMAGE_MODES, base_side
 from flux.errors import InputError
 from flux.fast import warm_up_sizes
 from flux.images import OUTPUT_FORMATS, save_image
@@ -78,8 +78,20 @@ class Predictor(BaseRunner):
         extra_lora_strength: float = Input(
             description="How strongly the second LoRA applies", ge=MIN_STRENGTH, le=MAX_STRENGTH, default=1.0
         ),
+        reference_images: list[Path] | None = Input(
+            description=f"Up to {sizes.MAX_REFERENCES} more images to combine with the input image (a person and "
+            "an outfit, a product and a scene); jpeg, png, gif or webp",
+            default=None,
+        ),
+        multi_image_mode: str = Input(
+            description="How reference images join the input image: offset (placed beside or below it), "
+            "stitch (joined side by side into one image), index (each in a layer of its own)",
+            choices=list(MULTI_IMAGE_MODES),
+            default="offset",
+        ),
     ) -> Path:
         image_file = accepted_file(input_image)
+        reference_files = [accepted_file(r, f"reference_images[{i}]") for i, r in enumerate(reference_images or [])]
         loras = [
             LoraRequest(source, strength, name)
             for source, strength, name in (
@@ -92,7 +104,7 @@ class Predictor(BaseRunner):
             result = run_edit(
                 self.model, image_file, prompt, aspect_ratio=aspect_ratio, num_steps=num_inference_steps,
                 guidance=guidance, seed=seed, acceleration=acceleration, check_safety=not disable_safety_checker,
-                loras=loras,
+                loras=loras, references=reference_files, multi_image_mode=multi_image_mode,
             )  # fmt: skip
         finally:
             release_memory(self.model.components.device)
@@ -113,7 +125,7 @@ class Predictor(BaseRunner):
     predict = functools.partialmethod(run)
 
 
-def accepted_file(value: object) -> pathlib.Path:
+def accepted_file(value: object, name: str = "input_image") -> pathlib.Path:
     """The input image must be a file the server received (cog.Path), never a path string.
 
     A plain string reaches predict() when a request sends something other than a data URI
@@ -121,6 +133,6 @@ def accepted_file(value: object) -> pathlib.Path:
     """
     if isinstance(value, str) or not isinstance(value, pathlib.Path):
         raise InputError(
-            "input_image must be an uploaded file (a data URI or an http(s) URL); file paths on the server are refused"
+            f"{name} must be an uploaded file (a data URI or an http(s) URL); file paths on the server are refused"
         )
     return value

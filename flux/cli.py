@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from flux import sizes, weights
-from flux.edit import MAX_SEED
+from flux.edit import MAX_SEED, MULTI_IMAGE_MODES
 from flux.errors import EditError, InputError
 
 TINY_DIR = weights.PROJECT_ROOT / ".cache" / "tiny-weights"
@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--lora-strength", type=float, default=1.0, help="-1 to 3; 0 turns it off")
     e.add_argument("--extra-lora", help="a second LoRA, the same sources")
     e.add_argument("--extra-lora-strength", type=float, default=1.0)
+    e.add_argument("--reference", action="append", type=Path, default=[], help="a reference image (up to 3; repeat)")
+    e.add_argument("--multi-image-mode", default="offset", choices=MULTI_IMAGE_MODES)
     return parser
 
 
@@ -123,6 +125,7 @@ def edit_command(args: argparse.Namespace) -> int:
             model, args.image, args.prompt, aspect_ratio=args.aspect_ratio, num_steps=args.steps,
             guidance=args.guidance, seed=args.seed, acceleration=args.acceleration,
             check_safety=not args.no_safety_checker, on_step=on_step, loras=_loras(args),
+            references=args.reference, multi_image_mode=args.multi_image_mode,
         )  # fmt: skip
     finally:
         bar.close()

@@ -4,6 +4,7 @@ Shapes (B = 1):
     latents        (B, N, 64)   packed 2x2 patches of the 16-channel VAE latent, N = (H/16)*(W/16)
     image_latents  (B, M, 64)   the conditioning image, packed the same way
     ids            (N + M, 3)   rope positions; first coordinate 0 for target tokens, 1 for the image
+                                (reference images: see ``encode_conditioning``)
     prompt_embeds  (B, 512, D)  T5;  pooled (B, P) CLIP
 """
 
@@ -37,6 +38,9 @@ DEFAULT_N_DERIVATIVES = 2
 # The noise generator (torch's CPU Mersenne Twister) keeps only the low 32 bits of a seed, so
 # 0..2**32-1 is the whole range of distinct seeds; anything outside it would alias one inside.
 MAX_SEED = 2**32 - 1
+# Where reference images go in the conditioning sequence (the released model was not trained for
+# several images; these are the placements in use, see README "Several input images").
+MULTI_IMAGE_MODES = ("offset", "stitch", "index")
 
 
 def clean_prompt(prompt: str) -> str:
@@ -56,6 +60,7 @@ class EditSettings:
     num_steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     acceleration: str = DEFAULT_ACCELERATION
+    multi_image_mode: str = "offset"
 
     def __post_init__(self) -> None:
         self.prompt = clean_prompt(self.prompt or "")
@@ -82,6 +87,8 @@ class LabOverrides:
     step_map: list[bool] | None = None
     # (width, height) of the conditioning image; default: the preferred Kontext resolution
     condition_size: tuple[int, int] | None = None
+    # the side whose square the references share (sizes.reference_size); default: the model's
+    reference_base: int | None = None
 
 
 @dataclass
@@ -168,22 +175,66 @@ def unpack(latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return latents.reshape(b, channels // 4, h * 2, w * 2)
 
 
-def position_ids(height: int, width: int, first: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(h*w, 3) rope positions (first, row, column) of an h x w token grid."""
+def position_ids(
+    height: int, width: int, first: float, device: torch.device, dtype: torch.dtype, offset: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
+    """(h*w, 3) rope positions (first, row, column) of an h x w token grid placed at (row, column) ``offset``."""
     ids = torch.zeros(height, width, 3)
     ids[..., 0] = first
-    ids[..., 1] = torch.arange(height)[:, None]
-    ids[..., 2] = torch.arange(width)[None, :]
+    ids[..., 1] = torch.arange(height)[:, None] + offset[0]
+    ids[..., 2] = torch.arange(width)[None, :] + offset[1]
     return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
 
 
-def encode_image(c: Components, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-    """Conditioning image (already at its size) -> packed latents (1, M, 64) and ids (M, 3) with first coordinate 1."""
+def encode_image(
+    c: Components, image: Image.Image, first: float = 1.0, offset: tuple[int, int] = (0, 0)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conditioning image (already at its size) -> packed latents (1, M, 64) and ids (M, 3) with
+    first coordinate ``first`` (1 for the input image), placed at ``offset`` tokens."""
     pixels = images.to_tensor(image).to(device=c.device, dtype=c.dtype)
     latent = c.vae.encode(pixels).latent_dist.mode()
     latent = (latent - c.vae.config.shift_factor) * c.vae.config.scaling_factor
     _, _, h, w = latent.shape
-    return pack(latent), position_ids(h // 2, w // 2, 1.0, c.device, c.dtype)
+    return pack(latent), position_ids(h // 2, w // 2, first, c.device, c.dtype, offset)
+
+
+def offset_placements(grids: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(row, column) token offsets of token grids (rows, columns) on a growing canvas, in order:
+    each goes to the right of what is there when stacking it below would make the canvas taller
+    than wide, else below (ComfyUI's default "offset" placement). No two grids overlap."""
+    placements, height, width = [], 0, 0
+    for rows, columns in grids:
+        offset = (0, width) if rows + height > columns + width else (height, 0)
+        placements.append(offset)
+        height, width = max(height, rows + offset[0]), max(width, columns + offset[1])
+    return placements
+
+
+def encode_conditioning(
+    c: Components,
+    image: Image.Image,
+    references: list[Image.Image],
+    mode: str,
+    condition_size: tuple[int, int],
+    base: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conditioning tokens (1, M, 64) and their ids (M, 3): the input image at ``condition_size``,
+    then the references (all together within one image's token budget, ``sizes.reference_size``):
+    "offset": first coordinate 1, placed beside or below on a growing canvas; "index": reference k
+    with first coordinate k + 1; "stitch": everything joined side by side into one image."""
+    first = images.resize(image, *condition_size)
+    if not references:
+        return encode_image(c, first)
+    base = base or base_side(c)
+    parts = [first] + [images.resize(r, *sizes.reference_size(*r.size, len(references), base)) for r in references]
+    if mode == "stitch":
+        return encode_image(c, images.stitch(parts, sizes.stitched_size([p.size for p in parts], base)))
+    if mode == "index":
+        encoded = [encode_image(c, part, first=1.0 + k) for k, part in enumerate(parts)]
+    else:
+        grids = [(p.height // sizes.MULTIPLE, p.width // sizes.MULTIPLE) for p in parts]
+        encoded = [encode_image(c, part, 1.0, at) for part, at in zip(parts, offset_placements(grids), strict=True)]
+    return torch.cat([latents for latents, _ in encoded], dim=1), torch.cat([ids for _, ids in encoded], dim=0)
 
 
 def initial_noise(c: Components, seed: int, width: int, height: int) -> torch.Tensor:
@@ -265,6 +316,10 @@ def check_settings(settings: EditSettings) -> None:
         raise InputError(
             "prompt is empty (control characters and spaces do not count); say what to change in the image"
         )
+    if settings.multi_image_mode not in MULTI_IMAGE_MODES:
+        raise InputError(
+            f"multi_image_mode must be one of {', '.join(MULTI_IMAGE_MODES)}; got {settings.multi_image_mode!r}"
+        )
     if not 0 <= settings.seed <= MAX_SEED:
         raise InputError(f"seed must be between 0 and {MAX_SEED}, or left blank for a random one; got {settings.seed}")
     if not taylor_utils.MIN_STEPS <= settings.num_steps <= taylor_utils.MAX_STEPS:
@@ -294,9 +349,13 @@ def edit(
     settings: EditSettings,
     on_step: StepCallback | None = None,
     lab: LabOverrides | None = None,
+    references: list[Image.Image] | None = None,
 ) -> EditResult:
-    """Run one edit. ``image`` is an RGB image (see ``images.load_image``)."""
+    """Run one edit. ``image`` and ``references`` are RGB images (see ``images.load_image``)."""
     check_settings(settings)
+    references = references or []
+    if len(references) > sizes.MAX_REFERENCES:
+        raise InputError(f"at most {sizes.MAX_REFERENCES} reference_images are accepted; got {len(references)}")
     lab = lab or LabOverrides()
     report = EditReport(seed=settings.seed, acceleration=settings.acceleration, num_steps=settings.num_steps)
     seconds = report.seconds
@@ -305,8 +364,10 @@ def edit(
     try:
         with _Timer(c.device, seconds, "encode"):
             prompt_embeds, pooled, text_ids = encode_prompt(c, settings.prompt)
-            cond_w, cond_h = lab.condition_size or sizes.conditioning_size(*image.size, base_side(c))
-            image_latents, image_ids = encode_image(c, images.resize(image, cond_w, cond_h))
+            condition_size = lab.condition_size or sizes.conditioning_size(*image.size, base_side(c))
+            image_latents, image_ids = encode_conditioning(
+                c, image, references, settings.multi_image_mode, condition_size, lab.reference_base
+            )
             latents = initial_noise(c, settings.seed, settings.width, settings.height)
             target_ids = position_ids(
                 settings.height // sizes.MULTIPLE, settings.width // sizes.MULTIPLE, 0.0, c.device, c.dtype

@@ -26,30 +26,30 @@ BACKGROUND = (255, 255, 255)
 OUTPUT_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 
 
-def load_image(source: str | os.PathLike | bytes) -> Image.Image:
+def load_image(source: str | os.PathLike | bytes, name: str = "input_image") -> Image.Image:
     """Open an input image: checked, EXIF-rotated, flattened to 8-bit RGB.
 
-    Raises InputError naming the problem for anything that is not a usable jpeg, png,
-    gif or webp image.
+    Raises InputError naming the input (``name``) and the problem for anything that is not a
+    usable jpeg, png, gif or webp image.
     """
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if not data:
-        raise InputError("input_image is empty (0 bytes)")
+        raise InputError(f"{name} is empty (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         if isinstance(exc, Image.DecompressionBombError):
-            raise InputError(_too_large("input_image declares far too many pixels")) from None
+            raise InputError(_too_large(f"{name} declares far too many pixels")) from None
         raise InputError(
-            f"input_image is not a readable image ({len(data)} bytes); send a jpeg, png, gif or webp file"
+            f"{name} is not a readable image ({len(data)} bytes); send a jpeg, png, gif or webp file"
         ) from None
     if image.format not in ACCEPTED_FORMATS:
-        raise InputError(f"input_image format {image.format} is not supported; send a jpeg, png, gif or webp file")
+        raise InputError(f"{name} format {image.format} is not supported; send a jpeg, png, gif or webp file")
     width, height = image.size
     if width * height > MAX_INPUT_PIXELS:
-        raise InputError(_too_large(f"input_image is {width}x{height} pixels"))
+        raise InputError(_too_large(f"{name} is {width}x{height} pixels"))
     if getattr(image, "n_frames", 1) > 1:
-        log.warning("input_image is animated (%d frames): using the first frame", image.n_frames)
+        log.warning("%s is animated (%d frames): using the first frame", name, image.n_frames)
         image.seek(0)
     try:
         if image.format == "JPEG":
@@ -60,7 +60,7 @@ def load_image(source: str | os.PathLike | bytes) -> Image.Image:
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise InputError(f"input_image could not be decoded ({exc}); the file may be truncated or corrupt") from None
+        raise InputError(f"{name} could not be decoded ({exc}); the file may be truncated or corrupt") from None
 
 
 def _too_large(what: str) -> str:
@@ -89,6 +89,18 @@ def resize(image: Image.Image, width: int, height: int) -> Image.Image:
     if image.size == (width, height):
         return image
     return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def stitch(parts: list[Image.Image], size: tuple[int, int]) -> Image.Image:
+    """``parts`` side by side at the first one's height (aspect ratios kept), resized to ``size``."""
+    height = parts[0].height
+    scaled = [resize(p, max(1, round(p.width * height / p.height)), height) for p in parts]
+    strip = Image.new("RGB", (sum(p.width for p in scaled), height))
+    x = 0
+    for part in scaled:
+        strip.paste(part, (x, 0))
+        x += part.width
+    return resize(strip, *size)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

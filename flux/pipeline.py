@@ -133,10 +133,16 @@ def run_edit(
     check_safety: bool = True,
     on_step: StepCallback | None = None,
     loras: list[LoraRequest] | None = None,
+    references: list[str | Path | bytes] | None = None,
+    multi_image_mode: str = "offset",
 ) -> EditResult:
     """One edit from an image file (or its bytes); a seed of None draws a random one, 0 is a seed.
-    Seeds run from 0 to MAX_SEED; each gives its own noise."""
+    Seeds run from 0 to MAX_SEED; each gives its own noise. ``references``: up to 3 more images."""
+    references = references or []
+    if len(references) > sizes.MAX_REFERENCES:
+        raise InputError(f"at most {sizes.MAX_REFERENCES} reference_images are accepted; got {len(references)}")
     image = images.load_image(image_source)
+    reference_images = [images.load_image(r, f"reference_images[{i}]") for i, r in enumerate(references)]
     width, height = sizes.output_size(aspect_ratio, *image.size, base_side(model.components))
     seed = new_seed() if seed is None else int(seed)
     lora_report, lora_seconds = use_loras(model, loras or [])
@@ -146,9 +152,10 @@ def run_edit(
         image,
         EditSettings(
             prompt=prompt, width=width, height=height, seed=seed, num_steps=num_steps, guidance=guidance,
-            acceleration=acceleration,
+            acceleration=acceleration, multi_image_mode=multi_image_mode,
         ),
         on_step=on_step,
+        references=reference_images,
     )  # fmt: skip
     result.report.loras = lora_report
     result.report.seconds.update(lora_seconds)

@@ -87,3 +87,31 @@ def conditioning_size(input_width: int, input_height: int, base: int = BASE_SIDE
     if base == BASE_SIDE:
         return width, height
     return _snap(width * base / BASE_SIDE), _snap(height * base / BASE_SIDE)
+
+
+# Several input images. Each reference adds its tokens to the conditioning sequence, and attention
+# cost grows with the square of the sequence, so all references together get the token budget of
+# one image at the model's side (4096 tokens for FLUX.1 Kontext): the conditioning stays within
+# twice one image's tokens whatever their number and sizes.
+MAX_REFERENCES = 3
+
+
+def tokens(width: int, height: int) -> int:
+    """Transformer tokens of an image: one per 16x16 pixels (8x VAE, 2x2 packing)."""
+    return (width // MULTIPLE) * (height // MULTIPLE)
+
+
+def reference_size(width: int, height: int, count: int, base: int = BASE_SIDE) -> tuple[int, int]:
+    """A reference's size: its aspect ratio (clamped to 9:21..21:9) at 1/count of base x base pixels."""
+    ratio = min(max(width / height, MIN_RATIO), MAX_RATIO)
+    side = base / math.sqrt(count)
+    return _snap(side * math.sqrt(ratio)), _snap(side / math.sqrt(ratio))
+
+
+def stitched_size(parts: list[tuple[int, int]], base: int = BASE_SIDE) -> tuple[int, int]:
+    """The one conditioning image that joins ``parts`` side by side at the first one's height,
+    scaled down to at most twice base x base pixels (the same budget as separate references)."""
+    height = parts[0][1]
+    width = sum(round(w * height / h) for w, h in parts)
+    scale = min(1.0, math.sqrt(2 * base * base / (width * height)))
+    return _snap(width * scale), _snap(height * scale)

@@ -8,13 +8,21 @@ Writes benchmark-SIZE.json, .md and .png (speedup against drift) into --out (def
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flux.device import dtype_for, pick_device  # noqa: E402
-from flux.lab.benchmark import SIZES, components_for, markdown_table, run_benchmark, write_report  # noqa: E402
+from flux.lab.benchmark import (  # noqa: E402
+    SIZES,
+    components_for,
+    markdown_table,
+    reference_costs,
+    run_benchmark,
+    write_report,
+)
 
 
 def main() -> int:
@@ -24,9 +32,24 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--weights", type=Path, default=None, help="benchmark a weights tree instead")
+    parser.add_argument("--references", action="store_true", help="instead: edit time with 0 to 3 reference images")
     args = parser.parse_args()
     device = pick_device()
     components = components_for(args.size, device, dtype_for(device), args.weights)
+    if args.references:
+        rows = reference_costs(components, args.size, steps=args.steps, repeats=args.repeats)
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"benchmark-{args.size}-references.json"
+        path.write_text(
+            json.dumps({"size": args.size, "steps": args.steps, "level": "go fast", "rows": rows}, indent=2)
+        )
+        print("| references | conditioning tokens | seconds per edit | vs none |\n|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['references']} | {r['conditioning_tokens']} | {r['seconds_per_edit']:.2f} | {r['ratio_to_no_reference']:.2f}x |"
+            )
+        print(f"wrote {path}")
+        return 0
     report = run_benchmark(components, args.size, steps=args.steps, repeats=args.repeats)
     paths = write_report(report, args.out)
     print(markdown_table(report))

@@ -33,3 +33,13 @@ def test_tiny_benchmark_report(tmp_path):
     assert 0 < fast["latent_rel_error_vs_none"] < 1
     assert fast["cache_bytes"] > 0 and fast["forecast_cost_ratio"] is not None
     assert data["ideal_speedup"]["go really fast"] == 28 / 13
+
+
+def test_reference_costs_report_each_count():
+    from flux.lab.benchmark import reference_costs
+
+    components = components_for("tiny", torch.device("cpu"), torch.float32)
+    rows = reference_costs(components, "tiny", steps=4, log=lambda line: None)
+    assert [r["references"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["conditioning_tokens"] == 256 and all(r["conditioning_tokens"] <= 2 * 256 for r in rows)
+    assert all(r["seconds_per_edit"] > 0 for r in rows) and rows[0]["ratio_to_no_reference"] == 1.0

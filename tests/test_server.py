@@ -15,7 +15,7 @@ from tests.conftest import image_bytes, random_image
 INPUTS = [
     "prompt", "input_image", "aspect_ratio", "num_inference_steps", "guidance", "seed", "acceleration",
     "output_format", "output_quality", "disable_safety_checker", "lora_weights", "lora_strength",
-    "extra_lora_weights", "extra_lora_strength",
+    "extra_lora_weights", "extra_lora_strength", "reference_images", "multi_image_mode",
 ]  # fmt: skip
 
 
@@ -158,3 +158,32 @@ def test_failure_text_is_the_project_message_behind_the_cog_server_prefix(server
     assert body["error"].startswith(prefix), body["error"]
     message = body["error"][len(prefix) :]
     assert message.startswith("prompt is empty") and "Error" not in message
+
+
+@pytest.mark.parametrize("mode", ["offset", "stitch", "index"])
+def test_reference_images_as_data_uris(server, png_uri, mode):
+    references = [
+        data_uri(image_bytes(random_image(200, 100, seed=4))),
+        data_uri(image_bytes(random_image(90, 160, seed=5))),
+    ]
+    status, body = server.predict(
+        prompt="put the person in the outfit", input_image=png_uri, reference_images=references,
+        multi_image_mode=mode, num_inference_steps=4, seed=2,
+    )  # fmt: skip
+    assert status == 200 and body["status"] == "succeeded", body
+    with Image.open(io.BytesIO(decode_output(body["output"]))) as image:
+        assert image.size == sizes.output_size("match_input_image", 320, 240)
+
+
+def test_bad_reference_images_over_http(server, png_uri):
+    status, body = server.predict(
+        prompt="x", input_image=png_uri, reference_images=[png_uri] * 4, num_inference_steps=4
+    )
+    assert body["status"] == "failed" and "at most 3 reference_images" in body["error"]
+    broken = data_uri(b"\x89PNG\r\n\x1a\nnot really", "image/png")
+    status, body = server.predict(
+        prompt="x", input_image=png_uri, reference_images=[png_uri, broken], num_inference_steps=4
+    )
+    assert body["status"] == "failed" and "reference_images[1] is not a readable image" in body["error"]
+    status, body = server.predict(prompt="x", input_image=png_uri, num_inference_steps=4, seed=1)
+    assert body["status"] == "succeeded"

@@ -142,7 +142,9 @@ def _count_attention(c: Components) -> tuple[list, Callable[[], None]]:
     return calls, handle.remove
 
 
-def run_project(c: Components, image: Image.Image, size, level: str, steps: int, seed: int) -> dict:
+def run_project(
+    c: Components, image: Image.Image, size, level: str, steps: int, seed: int, references: list | None = None
+) -> dict:
     width, height, _, _ = size
     settings = EditSettings(
         prompt="make the circle red", width=width, height=height, seed=seed, num_steps=steps,
@@ -151,7 +153,9 @@ def run_project(c: Components, image: Image.Image, size, level: str, steps: int,
     synchronize(c.device)
     start = time.perf_counter()
     with PeakMemory(c.device) as peak:
-        result = edit(c, image, settings, lab=LabOverrides(condition_size=image.size))
+        # references share the budget of one image of the benchmark's side, as they do at full size
+        pinned = LabOverrides(condition_size=image.size, reference_base=max(image.size))
+        result = edit(c, image, settings, lab=pinned, references=references)
     synchronize(c.device)
     report = result.report
     forecast_ratio = None
@@ -164,6 +168,38 @@ def run_project(c: Components, image: Image.Image, size, level: str, steps: int,
         peak=peak.peak, cache=report.cache_bytes, forecast_ratio=forecast_ratio, latents=result.latents,
         image=result.image, report=report,
     )  # fmt: skip
+
+
+def reference_costs(
+    c: Components,
+    preset: str,
+    steps: int = 28,
+    level: str = "go fast",
+    repeats: int = 1,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Seconds per edit with 0 to 3 reference images (each the preset's input size; together they get
+    one image's token budget at the preset's side, as at full size), median of ``repeats``."""
+    from flux import sizes
+
+    size = SIZES[preset]
+    image = input_image(size[2], size[3])
+    run_project(c, image, size, "none", min(steps, 4), 0)  # warm-up
+    rows: list[dict] = []
+    for count in range(sizes.MAX_REFERENCES + 1):
+        references = [input_image(size[2], size[3]) for _ in range(count)]
+        ref_tokens = sum(sizes.tokens(*sizes.reference_size(*r.size, count, max(image.size))) for r in references)
+        seconds = statistics.median(
+            run_project(c, image, size, level, steps, 0, references)["e2e"] for _ in range(repeats)
+        )
+        rows.append({
+            "references": count, "target_tokens": sizes.tokens(size[0], size[1]),
+            "conditioning_tokens": sizes.tokens(*image.size) + ref_tokens, "seconds_per_edit": seconds,
+            "ratio_to_no_reference": seconds / rows[0]["seconds_per_edit"] if rows else 1.0,
+        })  # fmt: skip
+        log(f"  {count} references: {rows[-1]['conditioning_tokens']} conditioning tokens, {seconds:.2f}s per edit")
+        release_memory(c.device)
+    return rows
 
 
 def run_diffusers(
