@@ -136,6 +136,7 @@ def test_gpu_check_rehearses_on_the_cpu(tmp_path):
         import torchao  # noqa: F401
     except ImportError:  # the CPU environment has no torchao: the mode is recorded as failed, the rest ran
         assert "FP8 needs torchao" in fp8["error"]
+    assert set(report["modes"]["compiled"]["references"]) == {"1_references_seconds", "3_references_seconds"}
     lora = report["modes"]["compiled"]["lora"]
     assert "error" not in lora, lora
     assert lora["merge_first_seconds"] > 0 and lora["edit_with_lora_seconds"] > 0 and lora["restore_seconds"] >= 0

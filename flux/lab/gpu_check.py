@@ -76,6 +76,17 @@ def _unseen_sizes(c, base: int, say, mode: str) -> dict:
     return figures
 
 
+def _reference_case(c, image, size: int, say) -> dict:
+    """A "go fast" edit with 1 and with 3 reference images (the first ever: any compile would show)."""
+    figures = {}
+    for count in (1, 3):
+        references = [input_image(size, size) for _ in range(count)]
+        run = run_project(c, image, (size, size, *image.size), "go fast", STEPS, 0, references)
+        figures[f"{count}_references_seconds"] = run["e2e"]
+        say(f"compiled / {count} references: {run['e2e']:.2f}s per edit")
+    return figures
+
+
 def _lora_case(c, image, size: int, say, mode: str) -> dict:
     """Two LoRAs (fal Kontext layout at full size, rank 16; peft layout, rank 64) merged, swapped and removed:
     seconds of each step and of a "go fast" edit with and without a LoRA, under the compiled graph."""
@@ -206,6 +217,8 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
                     f"{figures['seconds_per_transformer_call'] * 1000:.0f} ms per call")  # fmt: skip
             if mode in ("compiled", "compiled static"):
                 modes[mode]["unseen_sizes"] = _unseen_sizes(c, size, say, mode)
+            if mode == "compiled":
+                modes[mode]["references"] = _reference_case(c, image, size, say)
             if mode in ("compiled", "compiled+fp8"):
                 modes[mode]["lora"] = _lora_case(c, image, size, say, mode)
         except Exception as exc:  # record and go on: the other modes are still worth measuring
