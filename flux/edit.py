@@ -311,7 +311,9 @@ def denoise(
     return latents
 
 
-def check_settings(settings: EditSettings) -> None:
+def check_settings(settings: EditSettings, references: list[Image.Image] | None = None) -> None:
+    if len(references or []) > sizes.MAX_REFERENCES:
+        raise InputError(f"at most {sizes.MAX_REFERENCES} reference_images are accepted; got {len(references)}")
     if not settings.prompt:
         raise InputError(
             "prompt is empty (control characters and spaces do not count); say what to change in the image"
@@ -352,10 +354,8 @@ def edit(
     references: list[Image.Image] | None = None,
 ) -> EditResult:
     """Run one edit. ``image`` and ``references`` are RGB images (see ``images.load_image``)."""
-    check_settings(settings)
     references = references or []
-    if len(references) > sizes.MAX_REFERENCES:
-        raise InputError(f"at most {sizes.MAX_REFERENCES} reference_images are accepted; got {len(references)}")
+    check_settings(settings, references)
     lab = lab or LabOverrides()
     report = EditReport(seed=settings.seed, acceleration=settings.acceleration, num_steps=settings.num_steps)
     seconds = report.seconds

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from flux import images, sizes, weights
-from flux.edit import MAX_SEED, EditResult, EditSettings, StepCallback, base_side, edit
+from flux.edit import MAX_SEED, EditResult, EditSettings, StepCallback, base_side, check_settings, edit
 from flux.errors import EditError, InputError
 from flux.fast import optimize
 from flux.fetch import FetchReport, fetch
@@ -138,25 +138,18 @@ def run_edit(
 ) -> EditResult:
     """One edit from an image file (or its bytes); a seed of None draws a random one, 0 is a seed.
     Seeds run from 0 to MAX_SEED; each gives its own noise. ``references``: up to 3 more images."""
-    references = references or []
-    if len(references) > sizes.MAX_REFERENCES:
-        raise InputError(f"at most {sizes.MAX_REFERENCES} reference_images are accepted; got {len(references)}")
     image = images.load_image(image_source)
-    reference_images = [images.load_image(r, f"reference_images[{i}]") for i, r in enumerate(references)]
+    reference_images = [images.load_image(r, f"reference_images[{i}]") for i, r in enumerate(references or [])]
     width, height = sizes.output_size(aspect_ratio, *image.size, base_side(model.components))
     seed = new_seed() if seed is None else int(seed)
+    settings = EditSettings(
+        prompt=prompt, width=width, height=height, seed=seed, num_steps=num_steps, guidance=guidance,
+        acceleration=acceleration, multi_image_mode=multi_image_mode,
+    )  # fmt: skip
+    check_settings(settings, reference_images)  # before any LoRA is fetched
     lora_report, lora_seconds = use_loras(model, loras or [])
     log.info("seed %d, %dx%d output, acceleration %r, %d steps", seed, width, height, acceleration, num_steps)
-    result = edit(
-        model.components,
-        image,
-        EditSettings(
-            prompt=prompt, width=width, height=height, seed=seed, num_steps=num_steps, guidance=guidance,
-            acceleration=acceleration, multi_image_mode=multi_image_mode,
-        ),
-        on_step=on_step,
-        references=reference_images,
-    )  # fmt: skip
+    result = edit(model.components, image, settings, on_step=on_step, references=reference_images)
     result.report.loras = lora_report
     result.report.seconds.update(lora_seconds)
     if check_safety and model.safety is not None:

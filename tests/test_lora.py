@@ -275,3 +275,16 @@ def test_fp8_weights_refuse_a_merge_and_keep_the_base(tiny_weights, tmp_path):
     with pytest.raises(EditError, match="FLUX_FP8=off"):
         state.apply([(a, 1.0)])
     assert all(torch.equal(base[k], v) for k, v in t.state_dict().items()) and state.originals == {}
+
+
+def test_a_bad_request_fails_before_any_lora_is_downloaded(lora_env, transformer):
+    from flux.cli import PROXY_DIR
+    from flux.pipeline import Model, run_edit
+    from tests.conftest import image_bytes
+
+    write_lora(lora_env / "site" / "l.safetensors", make_lora(transformer, "peft"))
+    model = Model(load_components(PROXY_DIR), None, PROXY_DIR)
+    with serve_tree(lora_env / "site") as (url, log):
+        with pytest.raises(InputError, match="prompt is empty"):
+            run_edit(model, image_bytes(random_image(32, 32)), "\x00", loras=[lora.LoraRequest(f"{url}/l.safetensors")])
+        assert log.requests == []
