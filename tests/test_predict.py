@@ -69,7 +69,7 @@ def test_thirty_predictions_leave_a_bounded_number_of_outputs(predictor, input_f
     assert len(list(out_dir.iterdir())) <= 8
 
 
-def _fake_edit(components, image, settings, on_step=None):
+def _fake_edit(components, image, settings, on_step=None, references=None):
     """The edit itself is tested elsewhere; here only the adapter's file handling is."""
     import torch
 
