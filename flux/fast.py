@@ -22,6 +22,7 @@ Settings (environment variables, read by ``FastSettings.from_env``):
 | FLUX_COMPILE_SHAPES | dynamic | the shape policy above |
 | FLUX_COMPILE_MODE | default | inductor mode (max-autotune modes tune kernels for minutes at the first cold start) |
 | FLUX_FP8 | auto | FP8 weights and activations for the transformer's linear layers (torchao, CUDA); auto = on where the GPU supports FP8 (compute capability 8.9+) |
+| FLUX_LORA_BRANCH_RANK | auto | rank of the LoRA side branch given to every linear layer before compiling (flux/lora.py), so LoRAs apply beside FP8 weights; auto = 64 where FP8 is on, none otherwise (LoRAs are then merged); an integer installs it on any device; 0 = none (an FP8 server then refuses LoRAs) |
 | FLUX_ATTENTION | auto | diffusers attention backend (CUDA); auto tries FlashAttention 3, then cuDNN, then native SDPA |
 | FLUX_COMPILE_CACHE | .cache/torch-compile | where compiled kernels persist between cold starts (TORCHINDUCTOR_CACHE_DIR) |
 """
@@ -37,6 +38,7 @@ import torch
 
 from flux import sizes
 from flux.loading import Components
+from flux.lora import install_branches
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ SHAPE_POLICIES = ("dynamic", "static")
 # compiled and checked at two token counts before the first request
 WARM_UP_RATIOS = ("1:1", "16:9")
 _OFF = ("0", "false", "no", "off")
+# most published FLUX LoRAs have rank 16 to 64; two at once past 64 get their best rank-64 approximation
+AUTO_LORA_BRANCH_RANK = 64
 
 
 @dataclass
@@ -57,6 +61,7 @@ class FastSettings:
     fp8: str = "auto"
     attention: str = "auto"
     compile_cache: str = ".cache/torch-compile"
+    lora_branch_rank: str = "auto"
 
     @classmethod
     def from_env(cls) -> FastSettings:
@@ -68,7 +73,10 @@ class FastSettings:
             fp8=os.environ.get("FLUX_FP8", "auto"),
             attention=os.environ.get("FLUX_ATTENTION", "auto"),
             compile_cache=os.environ.get("FLUX_COMPILE_CACHE", ".cache/torch-compile"),
+            lora_branch_rank=os.environ.get("FLUX_LORA_BRANCH_RANK", "auto"),
         )
+        if settings.lora_branch_rank != "auto" and not settings.lora_branch_rank.isdigit():
+            raise ValueError(f"FLUX_LORA_BRANCH_RANK must be auto or a whole number; got {settings.lora_branch_rank!r}")
         if settings.compile_shapes not in SHAPE_POLICIES:
             raise ValueError(
                 f"FLUX_COMPILE_SHAPES must be one of {', '.join(SHAPE_POLICIES)}; got {settings.compile_shapes!r}"
@@ -79,6 +87,11 @@ class FastSettings:
         if self.compile == "auto":
             return device.type == "cuda"
         return self.compile.lower() not in _OFF
+
+    def branch_rank(self, fp8_applied: bool) -> int:
+        if self.lora_branch_rank == "auto":
+            return AUTO_LORA_BRANCH_RANK if fp8_applied else 0
+        return int(self.lora_branch_rank)
 
 
 def warm_up_sizes(base: int = sizes.BASE_SIDE) -> list[tuple[int, int]]:
@@ -148,6 +161,10 @@ def optimize(c: Components, settings: FastSettings | None = None) -> dict[str, o
         applied.update(_cuda_only(c, settings))
     else:
         log.info("fast path: FP8, attention backends and channels_last are CUDA only; off on %s", c.device)
+    rank = settings.branch_rank(applied.get("fp8") is True)
+    if rank:
+        layers = install_branches(c.transformer, rank, c.dtype)
+        applied["lora_branch"] = f"rank {rank} on {layers} linear layers"
     if settings.compiles_on(c.device):
         applied.update(compile_transformer(c, settings))
     return applied

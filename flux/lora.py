@@ -4,8 +4,14 @@ merging into the transformer's weights with exact copies of the originals.
 Why merging: the weights change in place, so the compiled transformer sees new values through the
 same graph (no recompile, whatever the LoRA's rank or strength), an edit with a LoRA costs what an
 edit without one costs, and a request without a LoRA restores the saved originals bit for bit (no
-drift from repeated fuse and unfuse). Transformer weights quantized to FP8 are refused: a LoRA
-merged into FP8 loses most of its effect (FLUX_FP8=off serves LoRAs).
+drift from repeated fuse and unfuse).
+
+Beside FP8 weights a LoRA is not merged (rounding W + delta to FP8 loses most of a LoRA's small
+delta): setup() gives every linear layer a zeroed low-rank side branch in the compute dtype,
+``output + up @ (down @ x)``, before compiling (``install_branches``; FLUX_LORA_BRANCH_RANK). A
+request's LoRAs are copied into the branches' buffers: no recompile, and no LoRA is exact zeros,
+so the base output comes back bit for bit. LoRAs whose ranks add up past the branch's rank are
+reduced to their best approximation of that rank (truncated SVD of the summed delta, logged).
 
 Sources (``lora_weights``): a Hugging Face repo ``owner/name`` (its one .safetensors file) or
 ``owner/name/file.safetensors``, a huggingface.co URL, any http(s) URL of a .safetensors file, a
@@ -34,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from flux.errors import EditError, InputError
 from flux.fetch import USER_AGENT, FetchError, hf_endpoint, stream
@@ -353,13 +360,63 @@ def _metadata_alpha(metadata: dict | None) -> float | None:
     return float(alpha) if alpha is not None else None
 
 
+# --- the low-rank side branch (beside FP8 weights) ---------------------------------------------
+
+
+def install_branches(transformer: torch.nn.Module, rank: int, dtype: torch.dtype) -> int:
+    """Give every linear layer of the transformer a zeroed rank-``rank`` side branch; returns how many.
+    Call before compiling: the branch's buffers are graph inputs, so new values need no recompile."""
+    count = 0
+    for module in transformer.modules():
+        if isinstance(module, torch.nn.Linear) and not hasattr(module, "lora_down"):
+            device = module.weight.device
+            module.register_buffer("lora_down", torch.zeros(rank, module.in_features, dtype=dtype, device=device),
+                                   persistent=False)  # fmt: skip
+            module.register_buffer("lora_up", torch.zeros(module.out_features, rank, dtype=dtype, device=device),
+                                   persistent=False)  # fmt: skip
+            module.register_forward_hook(_add_branch)
+            count += 1
+    return count
+
+
+def _add_branch(module: torch.nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    x = args[0]
+    return output + F.linear(F.linear(x.to(module.lora_down.dtype), module.lora_down), module.lora_up).to(output.dtype)
+
+
+def branch_rank(transformer: torch.nn.Module) -> int:
+    """The rank of the installed side branches; 0 where there are none."""
+    for module in transformer.modules():
+        if isinstance(module, torch.nn.Linear):
+            down = getattr(module, "lora_down", None)
+            return 0 if down is None else down.shape[0]
+    return 0
+
+
+def fit_rank(factors: list[tuple[torch.Tensor, torch.Tensor]], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (down, up) pair of rank at most ``rank`` for sum(up @ down) over ``factors``: exact when the
+    ranks add up to ``rank`` or less, otherwise the best rank-``rank`` approximation (truncated SVD)."""
+    down = torch.cat([d.float() for d, _ in factors])
+    up = torch.cat([u.float() for _, u in factors], dim=1)
+    if down.shape[0] <= rank:
+        return down, up
+    # up @ down = Qu (Ru Rd^T) Qd^T: the SVD of the small core gives the SVD of the full delta
+    q_up, r_up = torch.linalg.qr(up)
+    q_down, r_down = torch.linalg.qr(down.T)
+    u, s, vh = torch.linalg.svd(r_up @ r_down.T)
+    root = s[:rank].sqrt()
+    return (root[:, None] * vh[:rank]) @ q_down.T, (q_up @ u[:, :rank]) * root
+
+
 @dataclass
 class LoraState:
-    """The LoRAs merged into one transformer now, the originals of every weight they changed, and
-    the converted LoRAs kept in memory for the next request."""
+    """The LoRAs applied to one transformer now (merged, or in its side branches where it has them),
+    the originals of every weight a merge changed, and the converted LoRAs kept in memory for the
+    next request."""
 
     transformer: torch.nn.Module
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    branched: set[str] = field(default_factory=set)
     applied: tuple[tuple[str, float], ...] = ()
     loaded: OrderedDict[str, LoadedLora] = field(default_factory=OrderedDict)
 
@@ -379,8 +436,9 @@ class LoraState:
                       "downloaded": downloaded}  # fmt: skip
 
     def apply(self, wanted: list[tuple[LoadedLora, float]]) -> float:
-        """Make the transformer's weights base + sum(strength * up @ down); returns the seconds spent.
-        The same LoRAs and strengths as now cost nothing; none restores the exact originals."""
+        """Make the transformer compute base + sum(strength * up @ down) (merged into the weights, or
+        in the side branches); returns the seconds spent. The same LoRAs and strengths as now cost
+        nothing; none restores the exact base."""
         key = tuple((lora.source, strength) for lora, strength in wanted if strength != 0.0)
         if key == self.applied:
             return 0.0
@@ -388,7 +446,11 @@ class LoraState:
         modules = dict(self.transformer.named_modules())
         self.restore()
         try:
-            self._merge(wanted, modules)
+            rank = branch_rank(self.transformer)
+            if rank:
+                self._set_branches(wanted, modules, rank)
+            else:
+                self._merge(wanted, modules)
         except BaseException:
             self.restore()  # never leave a half-merged LoRA for the next request
             raise
@@ -405,20 +467,44 @@ class LoraState:
                 if type(weight.data) is not torch.Tensor:
                     raise EditError(
                         "LoRAs cannot be merged into FP8-quantized weights without losing most of their effect; "
-                        "this server runs FP8 (set FLUX_FP8=off to serve LoRAs)"
+                        "this server runs FP8 without LoRA branches (FLUX_LORA_BRANCH_RANK=0): set "
+                        "FLUX_LORA_BRANCH_RANK=auto or FLUX_FP8=off to serve LoRAs"
                     )
                 if name not in self.originals:
                     self.originals[name] = weight.detach().to("cpu", copy=True)
                 delta = (up.to(weight.device) @ down.to(weight.device)) * strength
                 weight.copy_((weight.float() + delta).to(weight.dtype))
 
+    @torch.no_grad()
+    def _set_branches(self, wanted: list[tuple[LoadedLora, float]], modules: dict[str, torch.nn.Module],
+                      rank: int) -> None:  # fmt: skip
+        per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for lora, strength in wanted:
+            if strength == 0.0:
+                continue
+            for name, (down, up) in lora.layers.items():
+                per_layer.setdefault(name, []).append((down, up * strength))
+        reduced = 0
+        for name, factors in per_layer.items():
+            module = modules[name]
+            reduced += sum(down.shape[0] for down, _ in factors) > rank
+            down, up = fit_rank(factors, rank)
+            self.branched.add(name)
+            module.lora_down[: down.shape[0]].copy_(down)
+            module.lora_up[:, : up.shape[1]].copy_(up)
+        if reduced:
+            log.warning("LoRA ranks add up past the branch's rank %d in %d layers: applied their best rank-%d "
+                        "approximation there", rank, reduced, rank)  # fmt: skip
+
     def restore(self) -> None:
-        """Copy every changed weight back from its saved original, bit for bit."""
-        if not self.originals:
-            return
+        """Copy every merged weight back from its saved original and zero every used branch, bit for bit."""
         modules = dict(self.transformer.named_modules())
         with torch.no_grad():
             for name, original in self.originals.items():
                 modules[name].weight.copy_(original)
+            for name in self.branched:
+                modules[name].lora_down.zero_()
+                modules[name].lora_up.zero_()
         self.originals.clear()
+        self.branched.clear()
         self.applied = ()

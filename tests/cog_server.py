@@ -61,6 +61,16 @@ class Server:
             time.sleep(0.1)
         return status, body
 
+    def settled_health(self, within_s: float = 10) -> str:
+        """The health status once the server has finished its last prediction: coglet can still say
+        BUSY for a moment after it returned the response (the same window as the 409 above)."""
+        deadline = time.monotonic() + within_s
+        while True:
+            status = self.get("/health-check")[1]["status"]
+            if status != "BUSY" or time.monotonic() > deadline:
+                return status
+            time.sleep(0.1)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

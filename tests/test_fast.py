@@ -36,6 +36,15 @@ def test_settings_from_env(monkeypatch):
     monkeypatch.setenv("FLUX_COMPILE", "auto")
     assert FastSettings.from_env().compiles_on(torch.device("cuda"))
     assert not FastSettings.from_env().compiles_on(torch.device("cpu"))
+    monkeypatch.setenv("FLUX_LORA_BRANCH_RANK", "16")
+    assert FastSettings.from_env().branch_rank(fp8_applied=False) == 16
+    monkeypatch.setenv("FLUX_LORA_BRANCH_RANK", "auto")
+    assert FastSettings.from_env().branch_rank(fp8_applied=True) == 64
+    assert FastSettings.from_env().branch_rank(fp8_applied=False) == 0
+    monkeypatch.setenv("FLUX_LORA_BRANCH_RANK", "lots")
+    with pytest.raises(ValueError, match="FLUX_LORA_BRANCH_RANK must be auto or a whole number"):
+        FastSettings.from_env()
+    monkeypatch.setenv("FLUX_LORA_BRANCH_RANK", "auto")
     monkeypatch.setenv("FLUX_COMPILE_SHAPES", "bucketed")
     with pytest.raises(ValueError, match="FLUX_COMPILE_SHAPES must be one of dynamic, static"):
         FastSettings.from_env()
@@ -61,7 +70,7 @@ def test_forecasts_never_recompile_the_compiled_transformer(tiny_weights):
 
 def test_settings_defaults_bound_the_first_cold_start(monkeypatch):
     for name in ("FLUX_COMPILE", "FLUX_COMPILE_BACKEND", "FLUX_COMPILE_SHAPES", "FLUX_COMPILE_MODE", "FLUX_FP8",
-                 "FLUX_ATTENTION"):  # fmt: skip
+                 "FLUX_ATTENTION", "FLUX_LORA_BRANCH_RANK"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
     settings = FastSettings.from_env()
     assert settings == FastSettings()
@@ -115,7 +124,7 @@ def test_gpu_check_rehearses_on_the_cpu(tmp_path):
     command = [sys.executable, "-m", "flux.lab.gpu_check", str(out), "--preset", "tiny", "--device", "cpu"]
     # dynamo with the eager backend: the same policies and guards, without minutes of C++ code generation
     env = {**os.environ, "FLUX_COMPILE_BACKEND": "eager"}
-    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=480, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "gpu_check.json").read_text())
     for mode in ("compiled", "compiled static"):
@@ -135,8 +144,12 @@ def test_gpu_check_rehearses_on_the_cpu(tmp_path):
     fp8 = report["modes"]["compiled+fp8"]
     try:
         import torchao  # noqa: F401
-    except ImportError:  # the CPU environment has no torchao: the mode is recorded as failed, the rest ran
-        assert "FP8 needs torchao" in fp8["error"]
+    except ImportError:  # the CPU environment has no torchao: FP8 is recorded as off, the branch still ran
+        assert "FP8 needs torchao" in fp8["applied"]["fp8"]
+    assert fp8["applied"]["lora_branch"].startswith("rank 64 on ")
+    assert set(fp8["eager_4_step_edit_seconds"]) == {"without_lora_branch", "with_lora_branch"}
+    assert "error" not in fp8["lora"], fp8["lora"]
+    assert fp8["lora"]["swap_seconds"] > 0 and fp8["lora"]["edit_with_two_loras_seconds"] > 0
     assert set(report["modes"]["compiled"]["references"]) == {"1_references_seconds", "3_references_seconds"}
     lora = report["modes"]["compiled"]["lora"]
     assert "error" not in lora, lora

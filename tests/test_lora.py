@@ -228,9 +228,13 @@ def test_merge_and_exact_restore(tiny_weights, tmp_path):
     assert state.originals == {}
 
 
-def test_swapping_loras_and_strengths_never_compiles(tiny_weights, tmp_path):
-    """Dynamo (counting backend): two LoRAs of different ranks and several strengths, one graph."""
+@pytest.mark.parametrize("how", ["merged", "side branch"])
+def test_swapping_loras_and_strengths_never_compiles(tiny_weights, tmp_path, how):
+    """Dynamo (counting backend): two LoRAs of different ranks and several strengths, one graph, merged
+    into the weights or (as beside FP8) in a rank-16 side branch, where the pair's rank 20 is reduced."""
     c = load_components(tiny_weights)
+    if how == "side branch":
+        lora.install_branches(c.transformer, 16, c.dtype)
     torch._dynamo.reset()
     compile_transformer(c, FastSettings(compile="1", compile_backend="flux_test_counting"))
     state = lora.LoraState(c.transformer)
@@ -275,6 +279,95 @@ def test_fp8_weights_refuse_a_merge_and_keep_the_base(tiny_weights, tmp_path):
     with pytest.raises(EditError, match="FLUX_FP8=off"):
         state.apply([(a, 1.0)])
     assert all(torch.equal(base[k], v) for k, v in t.state_dict().items()) and state.originals == {}
+
+
+def test_fit_rank_is_exact_within_the_rank_and_the_best_approximation_beyond():
+    g = torch.Generator().manual_seed(0)
+    factors = [(torch.randn(r, 24, generator=g), torch.randn(40, r, generator=g)) for r in (4, 8)]
+    delta = sum(up @ down for down, up in factors)
+    down, up = lora.fit_rank(factors, 12)
+    assert down.shape == (12, 24) and up.shape == (40, 12)
+    torch.testing.assert_close(up @ down, delta)
+    down, up = lora.fit_rank(factors, 5)
+    assert down.shape == (5, 24) and up.shape == (40, 5)
+    singular = torch.linalg.svdvals(delta)
+    # Eckart-Young: the best rank-5 approximation misses exactly the 6th and later singular values
+    torch.testing.assert_close((delta - up @ down).norm(), singular[5:].norm(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_merge_into_fp8_loses_a_small_lora():
+    """The reason for the side branch: per-row e4m3 rounding of W + delta keeps little of a small delta."""
+    from flux.lab.loras import fp8_merge_error
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(256, 256, generator=g) * 0.02
+    delta = torch.randn(256, 4, generator=g) @ torch.randn(4, 256, generator=g)
+    small, large = (fp8_merge_error(weight, delta * ratio * weight.norm() / delta.norm()) for ratio in (0.01, 0.3))
+    assert small[0] > 1.0 and small[1] < 0.6
+    assert large[0] < 0.2 and large[1] > 0.98
+
+
+def test_side_branch_applies_loras_without_touching_the_weights(tiny_weights, tmp_path):
+    """Beside FP8 weights (a tensor subclass here, as torchao's are) a LoRA goes into the side branch:
+    the weights never change, the edit matches the merged LoRA's, and no LoRA is the base bit for bit."""
+
+    class QuantizedStandIn(torch.Tensor):
+        pass
+
+    merged_c, c = load_components(tiny_weights), load_components(tiny_weights)
+    a = lora.convert(write_lora(tmp_path / "a.safetensors", make_lora(c.transformer, "peft", rank=4, seed=1)), "a",
+                     c.transformer)  # fmt: skip
+    b = lora.convert(write_lora(tmp_path / "b.safetensors", make_lora(c.transformer, "kohya", rank=8, seed=2)), "b",
+                     c.transformer)  # fmt: skip
+    settings = EditSettings(prompt="x", width=32, height=32, seed=1, num_steps=4)
+    image = random_image(32, 32)
+    base = edit(c, image, settings).latents
+    assert lora.install_branches(c.transformer, 16, c.dtype) == sum(
+        isinstance(m, torch.nn.Linear) for m in c.transformer.modules()
+    )
+    assert lora.branch_rank(c.transformer) == 16 and lora.branch_rank(merged_c.transformer) == 0
+    assert torch.equal(edit(c, image, settings).latents, base)
+    weights = {k: v.clone() for k, v in c.transformer.state_dict().items()}
+    state, merged = lora.LoraState(c.transformer), lora.LoraState(merged_c.transformer)
+    for wanted in ([(a, 1.0)], [(a, 0.5), (b, -1.0)]):
+        state.apply(wanted)
+        merged.apply(wanted)
+        out, reference = edit(c, image, settings).latents, edit(merged_c, image, settings).latents
+        assert not torch.equal(out, base)
+        torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+        assert all(torch.equal(weights[k], v) for k, v in c.transformer.state_dict().items())
+    state.apply([])
+    assert torch.equal(edit(c, image, settings).latents, base) and state.branched == set()
+    layer = c.transformer.get_submodule(sorted(a.layers)[-1])
+    layer.weight = torch.nn.Parameter(
+        torch.Tensor._make_subclass(QuantizedStandIn, layer.weight.data), requires_grad=False
+    )
+    state.apply([(a, 1.0)])  # no merge is attempted into the quantized weight
+    assert torch.count_nonzero(layer.lora_up) > 0 and state.originals == {}
+
+
+def test_a_predictor_with_the_side_branch_serves_loras(tiny_weights, tmp_path, monkeypatch):
+    """setup() installs the branch where FLUX_LORA_BRANCH_RANK asks (on a GPU: wherever FP8 is on)."""
+    from predict import Predictor
+    from tests.conftest import image_bytes
+    from tests.test_predict import DEFAULTS, CogPath
+
+    transformer = load_components(tiny_weights).transformer
+    write_lora(tmp_path / "site" / "peft.safetensors", make_lora(transformer, "peft", rank=4, seed=1))
+    (tmp_path / "in.png").write_bytes(image_bytes(random_image(64, 48)))
+    for name, value in {"WEIGHTS_DIR": str(tiny_weights), "FLUX_LORA_BRANCH_RANK": "8",
+                        "FLUX_LORA_CACHE": str(tmp_path / "cache"), "FLUX_OUTPUT_DIR": str(tmp_path / "out")}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    predictor = Predictor()
+    predictor.setup()
+    assert predictor.model.fast_path["lora_branch"].startswith("rank 8 on ")
+    outputs = []
+    with serve_tree(tmp_path / "site") as (url, _):
+        for source in (None, f"{url}/peft.safetensors", None):
+            inputs = {**DEFAULTS, "lora_weights": source}
+            image = CogPath(tmp_path / "in.png")
+            outputs.append(Path(predictor.predict(prompt="x", input_image=image, **inputs)).read_bytes())
+    assert outputs[0] != outputs[1] and outputs[0] == outputs[2]
 
 
 def test_a_bad_request_fails_before_any_lora_is_downloaded(lora_env, transformer):

@@ -84,7 +84,7 @@ def test_failed_prediction_leaves_the_server_healthy(server, png_uri):
     status, body = server.predict(prompt="x", input_image=data_uri(b"\x89PNG\r\n\x1a\nnot really", "image/png"))
     assert status == 200 and body["status"] == "failed"
     assert "input_image" in body["error"] and "Traceback" not in body["error"]
-    assert server.get("/health-check")[1]["status"] == "READY"
+    assert server.settled_health() == "READY"
     status, body = server.predict(prompt="x", input_image=png_uri, num_inference_steps=4, seed=1)
     assert body["status"] == "succeeded"
 

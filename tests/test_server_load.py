@@ -123,6 +123,6 @@ def test_ten_at_once_complete_or_are_refused_as_busy(server, uri):
         with Image.open(io.BytesIO(decode_output(body["output"]))) as image:
             image.load()
             assert image.size[0] % 16 == 0
-    assert server.get("/health-check")[1]["status"] == "READY"
+    assert server.settled_health() == "READY"
     status, body = server.predict(prompt="x", input_image=uri, num_inference_steps=4, seed=0)
     assert body["status"] == "succeeded", body
