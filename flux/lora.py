@@ -20,7 +20,8 @@ are read: pickle files are refused before anything is downloaded.
 
 Settings (environment): FLUX_LORA_CACHE (default .cache/loras), FLUX_LORA_CACHE_BYTES (10 GiB; least
 recently used files are evicted beyond it), FLUX_LORA_MAX_BYTES (2 GiB per download),
-HF_ENDPOINT, HF_TOKEN, CIVITAI_API_TOKEN (sent only to their own hosts, never logged).
+HF_ENDPOINT, CIVITAI_ENDPOINT, HF_TOKEN, CIVITAI_API_TOKEN (sent only to their own hosts, never
+logged).
 """
 
 from __future__ import annotations
@@ -80,9 +81,14 @@ def _token_for(url: str) -> str | None:
     host = _host(url)
     if host == _host(hf_endpoint()) or host.endswith("huggingface.co"):
         return os.environ.get("HF_TOKEN") or None
-    if host.endswith("civitai.com"):
+    if host.endswith("civitai.com") or host == _host(civitai_endpoint()):
         return os.environ.get("CIVITAI_API_TOKEN") or None
     return None
+
+
+def civitai_endpoint() -> str:
+    """CivitAI's address (CIVITAI_ENDPOINT: a mirror, or the tests' local server)."""
+    return os.environ.get("CIVITAI_ENDPOINT", "https://civitai.com").rstrip("/")
 
 
 def _headers(url: str) -> dict[str, str]:
@@ -121,7 +127,8 @@ def resolve(source: str, field_name: str = "lora_weights") -> tuple[str, str]:
         if len(parts) >= 5 and parts[2] in ("resolve", "blob"):
             return f"{hf_endpoint()}/{parts[0]}/{parts[1]}/resolve/{parts[3]}/{'/'.join(parts[4:])}", "file"
     if host.endswith("civitai.com") and len(parts) >= 2 and parts[0] == "models" and parts[1].isdigit():
-        return _civitai_model_file(parts[1], field_name), "file"
+        version = urllib.parse.parse_qs(parsed.query).get("modelVersionId", [None])[0]
+        return _civitai_model_file(parts[1], version, field_name), "file"
     if parsed.path.lower().endswith(".tar"):
         return text, "tar"
     return text, "file"
@@ -148,10 +155,18 @@ def _hub_repo_file(repo: str, revision: str, field_name: str) -> str:
     return f"{hf_endpoint()}/{repo}/resolve/{revision}/{files[0]}"
 
 
-def _civitai_model_file(model_id: str, field_name: str) -> str:
-    info = _get_json(f"https://civitai.com/api/v1/models/{model_id}", field_name)
-    for version in info.get("modelVersions", []):
-        for file in version.get("files", []):
+def _civitai_model_file(model_id: str, version_id: str | None, field_name: str) -> str:
+    """The download URL of a CivitAI model page's SafeTensor file: of the version the page's
+    ``modelVersionId`` names, else of the newest version (CivitAI lists it first); its primary file first."""
+    info = _get_json(f"{civitai_endpoint()}/api/v1/models/{model_id}", field_name)
+    versions = info.get("modelVersions", [])
+    if version_id is not None:
+        versions = [v for v in versions if str(v.get("id")) == version_id]
+        if not versions:
+            raise InputError(f"{field_name}: CivitAI model {model_id} has no version {version_id}")
+    for version in versions[:1]:
+        files = sorted(version.get("files", []), key=lambda f: not f.get("primary"))
+        for file in files:
             if file.get("metadata", {}).get("format") == "SafeTensor" and file.get("downloadUrl"):
                 return file["downloadUrl"]
     raise InputError(f"{field_name}: CivitAI model {model_id} has no SafeTensor file; only safetensors are accepted")

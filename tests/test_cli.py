@@ -8,6 +8,7 @@ import sys
 from PIL import Image
 
 from flux import sizes
+from flux.lab.tiny import TINY_SIDE
 from tests.conftest import image_bytes, random_image
 
 
@@ -28,7 +29,7 @@ def test_edit_writes_an_image_and_reports_phases(tiny_weights, tmp_path):
         assert phase in result.stderr
     assert "denoise: 100%" in result.stderr or "6/6" in result.stderr
     with Image.open(out) as image:
-        assert image.size == sizes.output_size("match_input_image", 200, 100)
+        assert image.size == sizes.output_size("match_input_image", 200, 100, TINY_SIDE)
 
 
 def test_bad_image_gives_a_clear_error(tiny_weights, tmp_path):

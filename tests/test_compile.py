@@ -70,7 +70,7 @@ def test_no_request_compiles_and_every_call_is_compiled(compiled_predictor, tmp_
 
         with Image.open(out) as image:
             output_sizes.add(image.size)
-    assert len(output_sizes) >= 12  # many distinct token counts went through the one graph
+    assert len(output_sizes) >= 10  # many distinct token counts went through the one graph
 
 
 def test_static_policy_compiles_per_size_which_is_why_it_is_not_the_default(tiny_weights):

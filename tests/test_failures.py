@@ -13,8 +13,10 @@ from cog import CancelationException
 from cog import Path as CogPath
 from PIL import Image
 
+from flux import sizes
 from flux.edit import MAX_SEED, EditSettings, clean_prompt
 from flux.errors import EditError, InputError
+from flux.lab.tiny import TINY_SIDE
 from tests.conftest import image_bytes, random_image
 from tests.test_images import png_header_only
 from tests.test_predict import DEFAULTS, make_predictor
@@ -97,7 +99,9 @@ def test_images_of_every_kind_are_edited(predictor, write, image, fmt):
 def test_huge_jpeg_is_handled(predictor, write):
     out = predict(predictor, write(image_bytes(Image.new("RGB", (6000, 4000), (90, 30, 20)), "JPEG"), "big.jpg"))
     with Image.open(out) as result:
-        assert abs(result.size[0] / result.size[1] - 1.5) < 0.03
+        width, height = result.size
+        assert result.size == sizes.output_size("match_input_image", 6000, 4000, TINY_SIDE)
+        assert abs(width / height - 1.5) < 16 / height  # the input's shape, to the 16-pixel grid
 
 
 def test_animated_webp_uses_first_frame(predictor, write, caplog):

@@ -105,6 +105,46 @@ def test_hub_repo_and_cache(lora_env, transformer, monkeypatch):
         assert "wrong" not in str(caught.value)
 
 
+def test_civitai_model_pages(lora_env, transformer, monkeypatch):
+    """A CivitAI model page asks CivitAI's API (here a local server) for its SafeTensor file: the
+    version the page names, else the newest; the token goes to CivitAI only; pickles are refused."""
+    root = lora_env / "civitai"
+    write_lora(root / "files" / "v2.safetensors", make_lora(transformer, "kohya", seed=2))
+    write_lora(root / "files" / "v1.safetensors", make_lora(transformer, "kohya", seed=1))
+    with serve_tree(root, Faults(token="civ_secret")) as (url, log):
+
+        def version(number: int, files: list[dict]) -> dict:
+            return {"id": number, "files": files}
+
+        def file(name: str, fmt: str = "SafeTensor", primary: bool = False) -> dict:
+            return {"downloadUrl": f"{url}/files/{name}", "metadata": {"format": fmt}, "primary": primary}
+
+        api = root / "api" / "v1" / "models"
+        api.mkdir(parents=True)
+        (api / "77").write_text(json.dumps({"modelVersions": [
+            version(202, [file("v2.pt", "PickleTensor"), file("v2.safetensors", primary=True)]),
+            version(101, [file("v1.safetensors")]),
+        ]}))  # fmt: skip
+        (api / "78").write_text(json.dumps({"modelVersions": [version(303, [file("only.ckpt", "PickleTensor")])]}))
+        monkeypatch.setenv("CIVITAI_ENDPOINT", url)
+        monkeypatch.setenv("CIVITAI_API_TOKEN", "civ_secret")
+        assert lora.resolve("https://civitai.com/models/77/some-style") == (f"{url}/files/v2.safetensors", "file")
+        assert lora.resolve("https://civitai.com/models/77?modelVersionId=101") == (f"{url}/files/v1.safetensors",
+                                                                                    "file")  # fmt: skip
+        path, downloaded = lora.fetch_lora("https://civitai.com/models/77")
+        assert downloaded and lora.convert(path, "civitai", transformer).layers
+        assert all(r["authorization"] == "Bearer civ_secret" for r in log.requests)
+        with pytest.raises(InputError, match="has no SafeTensor file"):
+            lora.resolve("https://civitai.com/models/78")
+        with pytest.raises(InputError, match="has no version 999"):
+            lora.resolve("https://civitai.com/models/77?modelVersionId=999")
+        with pytest.raises(InputError, match=r"not found \(HTTP 404\)"):
+            lora.resolve("https://civitai.com/models/79")
+        monkeypatch.setenv("CIVITAI_API_TOKEN", "wrong")
+        with pytest.raises(InputError, match=r"access denied \(HTTP 401\).*CIVITAI_API_TOKEN"):
+            lora.resolve("https://civitai.com/models/77")
+
+
 def test_tar_archives(lora_env, transformer):
     good = io.BytesIO()
     write_lora(lora_env / "l.safetensors", make_lora(transformer, "peft"))

@@ -8,7 +8,9 @@ import pytest
 from cog import Path as CogPath
 from PIL import Image
 
+from flux import sizes
 from flux.errors import EditError, InputError
+from flux.lab.tiny import TINY_SIDE
 from predict import Predictor
 from tests.conftest import image_bytes, random_image
 
@@ -45,7 +47,7 @@ def test_predict_returns_an_image_of_the_expected_size(predictor, input_file, tm
     monkeypatch.setenv("FLUX_OUTPUT_DIR", str(tmp_path / "out"))
     out = predictor.predict(prompt="make it red", input_image=input_file, **{**DEFAULTS, "aspect_ratio": "16:9"})
     with Image.open(out) as image:
-        assert image.size == (1360, 768)
+        assert image.size == sizes.output_size("16:9", 320, 240, TINY_SIDE) == (336, 192)
         assert image.format == "PNG"
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from flux import sizes
 from flux.edit import MAX_SEED
+from flux.lab.tiny import TINY_SIDE
 from tests.cog_server import cog_server, data_uri, decode_output
 from tests.conftest import image_bytes, random_image
 
@@ -62,7 +63,7 @@ def test_predictions_return_decodable_images(server, png_uri, aspect_ratio, outp
     assert status == 200 and body["status"] == "succeeded", body
     with Image.open(io.BytesIO(decode_output(body["output"]))) as image:
         assert image.format == {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[output_format]
-        assert image.size == sizes.output_size(aspect_ratio, 320, 240)
+        assert image.size == sizes.output_size(aspect_ratio, 320, 240, TINY_SIDE)
     expected_calls = {"none": 12, "go fast": 10, "go really fast": 8}[acceleration]
     metrics = body["metrics"]
     assert metrics["transformer_calls"] == expected_calls
@@ -172,7 +173,7 @@ def test_reference_images_as_data_uris(server, png_uri, mode):
     )  # fmt: skip
     assert status == 200 and body["status"] == "succeeded", body
     with Image.open(io.BytesIO(decode_output(body["output"]))) as image:
-        assert image.size == sizes.output_size("match_input_image", 320, 240)
+        assert image.size == sizes.output_size("match_input_image", 320, 240, TINY_SIDE)
 
 
 def test_bad_reference_images_over_http(server, png_uri):

@@ -66,7 +66,19 @@ def test_bad_requests_fail_clearly_and_the_server_keeps_serving(server, uri, inp
     assert body["status"] == "succeeded", body
 
 
-def test_cancel_during_denoise(server, uri):
+@pytest.fixture(scope="module")
+def real_size_server(tmp_path_factory):
+    """The tiny model sizing its outputs as the real one does (about 1024x1024): an edit long enough
+    to cancel in the middle of its denoise loop."""
+    from flux.lab.tiny import make_tiny_weights
+
+    weights = make_tiny_weights(tmp_path_factory.mktemp("tiny-1024") / "weights", side=1024)
+    with cog_server(weights, tmp_path_factory.mktemp("load-1024")) as s:
+        yield s
+
+
+def test_cancel_during_denoise(real_size_server, uri):
+    server = real_size_server
     result = {}
 
     def run():
