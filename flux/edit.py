@@ -76,6 +76,34 @@ class ForecastCache(Protocol):
     def nbytes(self) -> int: ...
 
 
+class StepPlan(Protocol):
+    """Which steps run the transformer. A plan may decide as it goes: after each computed step that
+    had an earlier one, the loop tells it how far off the cache's forecast of that step was."""
+
+    measures_forecasts: bool
+
+    def computes(self, step: int) -> bool: ...
+    def forecasts_after(self, step: int) -> bool: ...
+    def observe(self, step: int, forecast_error: float, distance: int) -> None: ...
+
+
+@dataclass
+class FixedPlan:
+    """A computed-step map decided before the loop (the acceleration levels')."""
+
+    step_map: list[bool]
+    measures_forecasts: bool = False
+
+    def computes(self, step: int) -> bool:
+        return self.step_map[step]
+
+    def forecasts_after(self, step: int) -> bool:
+        return not all(self.step_map[step + 1 :])
+
+    def observe(self, step: int, forecast_error: float, distance: int) -> None:
+        pass
+
+
 @dataclass
 class LabOverrides:
     """The one seam through which the quality lab, the benchmarks and the tests vary an edit.
@@ -83,8 +111,9 @@ class LabOverrides:
 
     # default: TaylorSeer with DEFAULT_N_DERIVATIVES, in step units, fp32 terms
     cache: ForecastCache | None = None
-    # default: the acceleration level's map; else a computed-step map of length num_steps
-    step_map: list[bool] | None = None
+    # default: the acceleration level's map; else a computed-step map of length num_steps, or a plan
+    # that decides as the loop goes (flux.lab.adaptive)
+    step_map: list[bool] | StepPlan | None = None
     # (width, height) of the conditioning image; default: the preferred Kontext resolution
     condition_size: tuple[int, int] | None = None
     # the side whose square the references share (sizes.reference_size); default: the model's
@@ -262,12 +291,13 @@ def denoise(
     text_ids: torch.Tensor,
     sigmas: torch.Tensor,
     guidance: float,
-    step_map: list[bool],
+    plan: StepPlan,
     cache: ForecastCache,
     report: EditReport,
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
-    """The flow-matching Euler loop; computed steps run the transformer, skipped steps are forecast.
+    """The flow-matching Euler loop over ``len(sigmas) - 1`` steps; computed steps run the
+    transformer, skipped steps are forecast.
 
     Only the target tokens of each prediction are used and cached: the forecast is elementwise, so
     caching the conditioning tokens too (as the public reference does) changes no target value.
@@ -279,7 +309,10 @@ def denoise(
         guidance_vec = torch.full([1], guidance, device=c.device, dtype=torch.float32).expand(latents.shape[0])
     sigmas_list = sigmas.tolist()
     timers: dict[str, float] = {}
-    for i, compute in enumerate(step_map):
+    num_steps = len(sigmas_list) - 1
+    last_computed = None
+    for i in range(num_steps):
+        compute = plan.computes(i)
         if compute:
             with _Timer(c.device, timers, "transformer"):
                 t = timesteps[i].to(c.device).expand(latents.shape[0]).to(latents.dtype)
@@ -295,7 +328,12 @@ def denoise(
                 )[0]
                 prediction = output[:, :num_tokens]
                 report.transformer_calls += 1
-                if not all(step_map[i + 1 :]):
+                if plan.measures_forecasts and last_computed is not None:
+                    # what the cache would have said here: known without another transformer call
+                    error = (cache.forecast(float(i)) - prediction.float()).norm() / prediction.float().norm()
+                    plan.observe(i, float(error), i - last_computed)
+                last_computed = i
+                if plan.forecasts_after(i):
                     cache.update(prediction, float(i))
                     report.cache_bytes = max(report.cache_bytes, cache.nbytes())
         else:
@@ -305,7 +343,7 @@ def denoise(
         dt = sigmas_list[i + 1] - sigmas_list[i]
         latents = (latents.float() + dt * prediction.float()).to(latents.dtype)
         if on_step is not None:
-            on_step(i, len(step_map), compute)
+            on_step(i, num_steps, compute)
     report.transformer_seconds = timers.get("transformer", 0.0)
     report.forecast_seconds = timers.get("forecast", 0.0)
     return latents
@@ -374,11 +412,15 @@ def edit(
             )
             ids = torch.cat([target_ids, image_ids], dim=0)
             sigmas = schedule.sigmas_for(c.scheduler, settings.num_steps, latents.shape[1])
-        step_map = lab.step_map or taylor_utils.compute_step_map(settings.acceleration, settings.num_steps)
+        plan = lab.step_map or taylor_utils.compute_step_map(settings.acceleration, settings.num_steps)
+        if isinstance(plan, list):
+            if len(plan) != settings.num_steps:
+                raise ValueError(f"a step map needs {settings.num_steps} entries; got {len(plan)}")
+            plan = FixedPlan(plan)
         with _Timer(c.device, seconds, "denoise"):
             latents = denoise(
                 c, latents, image_latents, ids, prompt_embeds, pooled, text_ids, sigmas, settings.guidance,
-                step_map, cache, report, on_step,
+                plan, cache, report, on_step,
             )  # fmt: skip
         _check_finite(latents, "final latents")
         with _Timer(c.device, seconds, "decode"):

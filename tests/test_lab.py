@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flux import weights
-from flux.lab.evaluate import evaluate, even_map, ssim, write
+from flux.lab.evaluate import CURVE, evaluate, even_map, ssim, write
 from flux.lab.scenes import EDITS, PROMPTS, make_scene
 from flux.lab.train import QUICK, train_proxy
 
@@ -44,10 +44,20 @@ def test_evaluation_report_structure(proxy, tmp_path):
     assert ("diffusers TaylorSeer hook (lite)", "go really fast") in methods
     assert ("reuse last prediction (n=0)", "go fast") in methods
     for m in report["methods"]:
-        assert m["transformer_calls"] == {"go fast": 18, "go really fast": 13}[m["level"]]
+        if m["level"] != CURVE:
+            assert m["transformer_calls"] == {"go fast": 18, "go really fast": 13}[m["level"]], m
         assert 0 <= m["closer_than_input"] <= 1 and -1 <= m["ssim_vs_none"] <= 1
-    assert "| go fast | TaylorSeer n=2" in paths["markdown"].read_text()
+    text = paths["markdown"].read_text()
+    assert "| go fast | TaylorSeer n=2" in text and "| adaptive, tolerance 0.01 |" in text
     assert len(result["samples"]) == 2 and result["samples"][0]["prompt"] == PROMPTS[0]
+    assert set(report["per_instruction"]) == set(PROMPTS[:2])
+    assert report["per_instruction"][PROMPTS[0]]["edits"] == 1
+    curve = {m["method"]: m for m in report["methods"] if m["level"] == CURVE}
+    assert curve["fixed, 13 calls evenly spread"]["transformer_calls"] == 13
+    adaptive = [m for name, m in curve.items() if name.startswith("adaptive")]
+    assert all(2 * 3 <= m["transformer_calls"] <= 28 for m in adaptive)
+    assert len(report["adaptive_verdict"]) == len(adaptive)
+    assert paths["curve"].read_bytes()[:4] == b"\x89PNG"
 
 
 def test_ssim_and_maps():

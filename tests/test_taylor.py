@@ -264,3 +264,39 @@ def test_newton_interpolation_is_exact_for_polynomials_up_to_its_order(trial):
             cache.update(values[i], positions[i])
         elif cache.computed_steps > n:
             torch.testing.assert_close(cache.forecast(positions[i]), values[i], rtol=1e-6, atol=1e-8)
+
+
+def test_adaptive_plan_decides_from_the_measured_forecast_error():
+    from flux.lab.adaptive import AdaptivePlan
+
+    plan = AdaptivePlan(num_steps=20, tolerance=0.01, edge=3, max_skip=3, error_order=3)
+    assert all(plan.computes(i) for i in range(3)) and plan.computes(17) and plan.computes(19)
+    plan.observe(2, 0.001, 1)  # 0.001 * 3**3 = 0.027 > tolerance; 0.001 * 2**3 = 0.008 <= it: skip 2
+    assert (plan.computes(3), plan.computes(4), plan.computes(5)) == (False, False, True)
+    plan.observe(5, 0.5, 3)  # a poor forecast: compute the next step
+    assert plan.computes(6)
+    plan.observe(6, 0.0, 1)  # a perfect one: skip as far as allowed
+    assert [plan.computes(i) for i in range(7, 11)] == [False, False, False, True]
+    assert plan.errors == [(2, 0.001), (5, 0.5), (6, 0.0)]
+    assert plan.forecasts_after(15) and not plan.forecasts_after(16)
+
+
+def test_adaptive_plan_in_the_loop(components):
+    """Tolerance 0 computes every step and gives "none" bit for bit; a large one forecasts as far as
+    allowed; calls never grow with the tolerance, and each call is counted on the model."""
+    from flux.lab.adaptive import AdaptivePlan
+
+    image = random_image(32, 32)
+    none = _edit(components, image, _settings(acceleration="none")).latents
+    calls = []
+    for tolerance in (0.0, 0.01, 0.1, 1e9):
+        plan = AdaptivePlan(28, tolerance)
+        lab = LabOverrides(condition_size=image.size, step_map=plan)
+        counted, result = _count_calls(components, lambda p=lab: edit(components, image, _settings(), lab=p))
+        assert counted == result.report.transformer_calls
+        calls.append(counted)
+        if tolerance == 0.0:
+            assert torch.equal(result.latents, none) and len(plan.errors) == 27
+    assert calls == sorted(calls, reverse=True) and calls[0] == 28
+    # 3 computed at each end; in between, 3 forecast then 1 computed (steps 6, 10, ..., 22)
+    assert calls[-1] == 3 + len(range(6, 25, 4)) + 3

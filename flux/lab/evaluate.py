@@ -21,11 +21,16 @@ from PIL import Image
 import taylor_utils
 from flux.edit import EditSettings, LabOverrides, edit
 from flux.lab import benchmark, forecasters
+from flux.lab.adaptive import AdaptivePlan
 from flux.lab.scenes import PROMPTS, SIDE, make_example
 from flux.loading import Components, load_components
 
 STEPS = 28
 LEVELS = ("go fast", "go really fast")
+DEFAULT_METHOD = "TaylorSeer n=2, step units (product default)"
+CURVE = "schedule curve"  # the level of the rows that trace transformer calls against drift
+CURVE_EVEN_CALLS = (8, 10, 13, 16, 18, 20, 23)
+CURVE_TOLERANCES = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,80 +100,116 @@ def methods_for(level: str) -> list[Method]:
     ]
 
 
-def run_method(c: Components, image: Image.Image, prompt: str, seed: int, method: Method) -> np.ndarray:
+def curve_methods() -> list[Method]:
+    """Transformer calls against drift: the fixed level maps (the main table's product rows), evenly
+    spread fixed maps at more call counts, and the adaptive schedule at several tolerances."""
+    even = [Method(f"fixed, {calls} calls evenly spread", CURVE, {"n_derivatives": 2, "acceleration": "none",
+                   "step_map": even_map(STEPS, calls)}) for calls in CURVE_EVEN_CALLS]  # fmt: skip
+    adaptive = [
+        Method(f"adaptive, tolerance {tolerance:g}", CURVE, {"n_derivatives": 2, "acceleration": "none",
+               "adaptive_tolerance": tolerance})
+        for tolerance in CURVE_TOLERANCES
+    ]  # fmt: skip
+    return even + adaptive
+
+
+def run_method(c: Components, image: Image.Image, prompt: str, seed: int, method: Method) -> tuple[np.ndarray, int]:
+    """The method's output image and the transformer calls it made."""
     if method.diffusers_hook is not None:
         return _run_hook(c, image, prompt, seed, method.diffusers_hook)
     options = dict(method.settings)
     num_steps = options.pop("num_steps", STEPS)
     acceleration = options.pop("acceleration", method.level)
     step_map = options.pop("step_map", None)
+    tolerance = options.pop("adaptive_tolerance", None)
+    if tolerance is not None:
+        step_map = AdaptivePlan(num_steps, tolerance)
     cache = forecasters.make_cache(c, num_steps, SIDE, SIDE, **options)
     settings = EditSettings(prompt, SIDE, SIDE, seed, num_steps=num_steps, acceleration=acceleration)
     result = edit(c, image, settings, lab=LabOverrides(cache=cache, step_map=step_map))
-    return np.asarray(result.image)
+    return np.asarray(result.image), result.report.transformer_calls
 
 
-def _run_hook(c: Components, image: Image.Image, prompt: str, seed: int, hook: dict) -> np.ndarray:
+def _run_hook(c: Components, image: Image.Image, prompt: str, seed: int, hook: dict) -> tuple[np.ndarray, int]:
     run = benchmark.run_diffusers(c, image, (SIDE, SIDE, *image.size), STEPS, seed, hook, prompt=prompt)
-    return np.asarray(run["image"])
+    return np.asarray(run["image"]), run["calls"]
 
 
 def evaluate(
-    weights_dir: str | Path, edits: int = 100, seed: int = 1234, levels=LEVELS, log: Callable[[str], None] = print
+    weights_dir: str | Path,
+    edits: int = 100,
+    seed: int = 1234,
+    levels=LEVELS,
+    log: Callable[[str], None] = print,
+    curve: bool = True,
 ) -> dict:
-    """Run every method on ``edits`` held-out examples (a seed the training never used)."""
+    """Run every method (and, with ``curve``, the schedule curve) on ``edits`` held-out examples (a seed
+    the training never used)."""
     import logging
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     c = load_components(weights_dir, torch.device("cpu"), torch.float32)
     rng = np.random.default_rng(seed)
     examples = [make_example(rng, PROMPTS[i % len(PROMPTS)]) for i in range(edits)]
-    all_methods = [m for level in levels for m in methods_for(level)]
+    all_methods = [m for level in levels for m in methods_for(level)] + (curve_methods() if curve else [])
     rows: dict[tuple[str, str], dict[str, list[float]]] = {}
     baseline = {"identity_psnr_to_target": [], "none_psnr_to_target": [], "vae_ceiling_psnr_to_target": []}
+    # per instruction: the baselines, and the product's levels
+    per_prompt: dict[str, dict[str, list[float]]] = {p: {} for p in PROMPTS}
     samples = []
     start = time.perf_counter()
     for index, (source, prompt, target) in enumerate(examples):
         image = Image.fromarray(source)
-        none = run_method(c, image, prompt, index, Method("none", "none"))
-        baseline["identity_psnr_to_target"].append(psnr(source, target))
-        baseline["none_psnr_to_target"].append(psnr(none, target))
-        baseline["vae_ceiling_psnr_to_target"].append(psnr(_reconstruct(c, target), target))
+        none, _ = run_method(c, image, prompt, index, Method("none", "none"))
+        figures = {
+            "identity_psnr_to_target": psnr(source, target),
+            "none_psnr_to_target": psnr(none, target),
+            "vae_ceiling_psnr_to_target": psnr(_reconstruct(c, target), target),
+        }
+        figures["none_closer_than_input"] = float(_closer(none, source, target))
+        for key, value in figures.items():
+            baseline.setdefault(key, []).append(value)
+            per_prompt[prompt].setdefault(key, []).append(value)
         outputs = {}
         for method in all_methods:
-            out = run_method(c, image, prompt, index, method)
+            out, calls = run_method(c, image, prompt, index, method)
             outputs[(method.name, method.level)] = out
             row = rows.setdefault(
-                (method.name, method.level), {"psnr": [], "ssim": [], "target_psnr": [], "closer": []}
+                (method.name, method.level), {"calls": [], "psnr": [], "ssim": [], "target_psnr": [], "closer": []}
             )
+            row["calls"].append(calls)
             row["psnr"].append(psnr(out, none))
             row["ssim"].append(ssim(out, none))
             row["target_psnr"].append(psnr(out, target))
-            row["closer"].append(
-                float(np.mean((out.astype(float) - target) ** 2) < np.mean((source.astype(float) - target) ** 2))
-            )
+            row["closer"].append(float(_closer(out, source, target)))
+            if method.name == DEFAULT_METHOD:
+                per_prompt[prompt].setdefault(f"{method.level}_psnr_vs_none", []).append(row["psnr"][-1])
+                per_prompt[prompt].setdefault(f"{method.level}_psnr_to_target", []).append(row["target_psnr"][-1])
+                per_prompt[prompt].setdefault(f"{method.level}_closer_than_input", []).append(row["closer"][-1])
         if index < len(PROMPTS):
-            default = "TaylorSeer n=2, step units (product default)"
             samples.append(
                 {"input": source, "none": none, "target": target, "prompt": prompt}
-                | {level: outputs[(default, level)] for level in levels}
+                | {level: outputs[(DEFAULT_METHOD, level)] for level in levels}
             )
         if index % 10 == 0:
             log(f"edit {index + 1}/{edits} ({time.perf_counter() - start:.0f}s)")
+    baselines = {k: statistics.mean(v) for k, v in baseline.items()}
     report = {
         "weights": str(weights_dir),
         "edits": edits,
         "steps": STEPS,
-        "baselines": {k: statistics.mean(v) for k, v in baseline.items()},
-        "none_closer_than_input": statistics.mean(
-            float(n > i)
-            for n, i in zip(baseline["none_psnr_to_target"], baseline["identity_psnr_to_target"], strict=True)
-        ),
+        "baselines": {k: v for k, v in baselines.items() if k != "none_closer_than_input"},
+        "none_closer_than_input": baselines["none_closer_than_input"],
+        "per_instruction": {
+            prompt: {"edits": len(figures["none_psnr_to_target"])} | {k: statistics.mean(v) for k, v in figures.items()}
+            for prompt, figures in per_prompt.items()
+            if figures
+        },
         "methods": [
             {
                 "method": name,
                 "level": level,
-                "transformer_calls": taylor_utils.compute_step_count(level, STEPS),
+                "transformer_calls": statistics.mean(v["calls"]),
                 "psnr_vs_none": statistics.mean(v["psnr"]),
                 "ssim_vs_none": statistics.mean(v["ssim"]),
                 "psnr_to_target": statistics.mean(v["target_psnr"]),
@@ -179,6 +220,11 @@ def evaluate(
         "seconds": time.perf_counter() - start,
     }
     return {"report": report, "samples": samples}
+
+
+def _closer(out: np.ndarray, source: np.ndarray, target: np.ndarray) -> bool:
+    """Whether ``out`` is closer to the target than the input is (mean squared error)."""
+    return bool(np.mean((out.astype(float) - target) ** 2) < np.mean((source.astype(float) - target) ** 2))
 
 
 @torch.no_grad()
@@ -206,11 +252,121 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for m in report["methods"]:
-        lines.append(
-            f"| {m['level']} | {m['method']} | {m['transformer_calls']} | {m['psnr_vs_none']:.2f} "
-            f"| {m['ssim_vs_none']:.4f} | {m['psnr_to_target']:.2f} | {m['closer_than_input']:.0%} |"
-        )
+        if m["level"] != CURVE:
+            lines.append(
+                f"| {m['level']} | {m['method']} | {m['transformer_calls']:.1f} | {m['psnr_vs_none']:.2f} "
+                f"| {m['ssim_vs_none']:.4f} | {m['psnr_to_target']:.2f} | {m['closer_than_input']:.0%} |"
+            )
+    per_instruction = report.get("per_instruction", {})
+    if per_instruction:
+        levels = [level for level in LEVELS if f"{level}_psnr_vs_none" in next(iter(per_instruction.values()))]
+        lines += [
+            "",
+            "Per instruction (PSNR to the exact target in dB; the levels' PSNR against \"none\"):",
+            "",
+            "| instruction | edits | identity | none | VAE ceiling | none closer than input | "
+            + " | ".join(f"{level} vs none" for level in levels) + " |",
+            "|---|---|---|---|---|---|" + "---|" * len(levels),
+        ]  # fmt: skip
+        for prompt, f in per_instruction.items():
+            lines.append(
+                f"| {prompt} | {f['edits']} | {f['identity_psnr_to_target']:.2f} | {f['none_psnr_to_target']:.2f} "
+                f"| {f['vae_ceiling_psnr_to_target']:.2f} | {f['none_closer_than_input']:.0%} | "
+                + " | ".join(f"{f[f'{level}_psnr_vs_none']:.2f}" for level in levels) + " |"
+            )  # fmt: skip
+    curve = curve_rows(report)
+    if any(row["method"].startswith("adaptive") for row in curve):
+        lines += [
+            "",
+            'Schedule curve (mean transformer calls per edit against drift from "none" and accuracy):',
+            "",
+            "| schedule | calls | PSNR vs none (dB) | PSNR to target (dB) | closer than input |",
+            "|---|---|---|---|---|",
+        ]
+        for m in curve:
+            lines.append(
+                f"| {m['method']} | {m['transformer_calls']:.1f} | {m['psnr_vs_none']:.2f} | {m['psnr_to_target']:.2f} "
+                f"| {m['closer_than_input']:.0%} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def curve_rows(report: dict) -> list[dict]:
+    """The schedule curve: the product's fixed level maps, the evenly spread fixed maps and the
+    adaptive schedule, by calls."""
+    rows = [
+        {**m, "method": f"fixed, level map of {m['level']}"} if m["method"] == DEFAULT_METHOD else m
+        for m in report["methods"]
+        if m["level"] == CURVE or m["method"] == DEFAULT_METHOD
+    ]
+    return sorted(rows, key=lambda m: (not m["method"].startswith("fixed"), m["transformer_calls"]))
+
+
+def adaptive_verdict(report: dict) -> list[dict]:
+    """For each adaptive tolerance: the fixed maps' drift interpolated at its mean calls, and whether
+    it beats them there (higher PSNR against "none")."""
+    curve = curve_rows(report)
+    fixed = sorted((m for m in curve if m["method"].startswith("fixed")), key=lambda m: m["transformer_calls"])
+    verdicts = []
+    for m in curve:
+        if not m["method"].startswith("adaptive"):
+            continue
+        calls = m["transformer_calls"]
+        below = [f for f in fixed if f["transformer_calls"] <= calls]
+        above = [f for f in fixed if f["transformer_calls"] >= calls]
+        if not below or not above:
+            verdicts.append({"method": m["method"], "calls": calls, "fixed_psnr_vs_none": None, "beats_fixed": None})
+            continue
+        lo, hi = below[-1], above[0]
+        span = hi["transformer_calls"] - lo["transformer_calls"]
+        weight = 0.0 if span == 0 else (calls - lo["transformer_calls"]) / span
+        fixed_psnr = lo["psnr_vs_none"] + weight * (hi["psnr_vs_none"] - lo["psnr_vs_none"])
+        verdicts.append({"method": m["method"], "calls": calls, "psnr_vs_none": m["psnr_vs_none"],
+                         "fixed_psnr_vs_none": fixed_psnr, "beats_fixed": m["psnr_vs_none"] > fixed_psnr})  # fmt: skip
+    return verdicts
+
+
+def curve_chart(report: dict, path: Path) -> Path:
+    """PNG: transformer calls (x) against PSNR vs "none" (y), fixed maps and the adaptive schedule."""
+    from PIL import ImageDraw
+
+    width, height, margin = 900, 560, 70
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    rows = curve_rows(report)
+    xs = [m["transformer_calls"] for m in rows]
+    ys = [m["psnr_vs_none"] for m in rows]
+    x0, x1 = min(xs) - 1, STEPS
+    y0, y1 = min(ys) - 2, max(ys) + 2
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return (margin + (x - x0) / (x1 - x0) * (width - 2 * margin),
+                height - margin - (y - y0) / (y1 - y0) * (height - 2 * margin))  # fmt: skip
+
+    draw.line((margin, height - margin, width - margin, height - margin), fill="black")
+    draw.line((margin, margin, margin, height - margin), fill="black")
+    for i in range(6):
+        px, _ = xy(x0 + (x1 - x0) * i / 5, y0)
+        _, py = xy(x0, y0 + (y1 - y0) * i / 5)
+        draw.text((px - 8, height - margin + 8), f"{x0 + (x1 - x0) * i / 5:.0f}", fill="black")
+        draw.text((10, py - 6), f"{y0 + (y1 - y0) * i / 5:.1f}", fill="black")
+    draw.text((width // 2 - 150, height - 30), f"transformer calls per edit (of {STEPS} steps)", fill="black")
+    draw.text((10, 20), 'drift: PSNR of the output against "none" (dB), mean over the held-out edits', fill="black")
+    series = {"fixed": (30, 90, 200), "adaptive": (200, 30, 30)}
+    for name, colour in series.items():
+        points = [xy(m["transformer_calls"], m["psnr_vs_none"]) for m in rows if m["method"].startswith(name)]
+        points.sort()
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for px, py in points:
+            draw.ellipse((px - 5, py - 5, px + 5, py + 5), fill=colour)
+    for m in rows:
+        if m["method"].startswith("fixed, level map"):
+            px, py = xy(m["transformer_calls"], m["psnr_vs_none"])
+            draw.text((px + 8, py + 4), m["level"], fill=series["fixed"])
+    draw.text((width - 260, margin), "blue: fixed maps; red: adaptive", fill="black")
+    canvas.save(path)
+    return path
 
 
 def grid(samples: list[dict], path: Path, levels=LEVELS, scale: int = 3) -> Path:
@@ -239,8 +395,14 @@ def write(result: dict, out_dir: Path) -> dict[str, Path]:
         "json": out_dir / "quality.json",
         "markdown": out_dir / "quality-table.md",
         "grid": out_dir / "quality-grid.png",
+        "curve": out_dir / "quality-curve.png",
     }
+    result["report"]["adaptive_verdict"] = adaptive_verdict(result["report"])
     paths["json"].write_text(json.dumps(result["report"], indent=2) + "\n")
     paths["markdown"].write_text(markdown(result["report"]))
     grid(result["samples"], paths["grid"])
+    if any(m["level"] == CURVE for m in result["report"]["methods"]):
+        curve_chart(result["report"], paths["curve"])
+    else:
+        paths.pop("curve")
     return paths

@@ -28,7 +28,7 @@ import torch
 
 from flux.edit import encode_prompt, pack, position_ids
 from flux.lab import tiny
-from flux.lab.scenes import PROMPTS, SIDE, make_example
+from flux.lab.scenes import GEOMETRIC, PROMPTS, SIDE, make_example
 from flux.loading import Components
 
 PROXY_T5_TOKENS = 24
@@ -54,14 +54,17 @@ tiny.PRESETS["proxy"] = {
 class TrainConfig:
     seed: int = 0
     examples: int = 12000
-    vae_steps: int = 600
+    vae_steps: int = 1000
     vae_batch: int = 32
-    vae_lr: float = 1e-3
-    steps: int = 4500
+    vae_lr: float = 2e-3
+    steps: int = 5000
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100
     ema: float = 0.999
+    # how often each instruction is drawn, relative to a recolour: the geometric edits (a flip, a
+    # rotation) need attention to learn where each token goes, and get twice the examples
+    geometric_weight: float = 2.0
 
 
 QUICK = TrainConfig(examples=64, vae_steps=3, vae_batch=8, steps=3, batch=8, warmup=1)
@@ -78,6 +81,14 @@ def train_vae(vae, images: np.ndarray, config: TrainConfig, log: Callable[[str],
     vae.train()
     start = time.perf_counter()
     for step in range(config.vae_steps):
+        lr = (
+            config.vae_lr
+            * min(1.0, (step + 1) / config.warmup)
+            * 0.5
+            * (1 + math.cos(math.pi * step / config.vae_steps))
+        )
+        for group in optimiser.param_groups:
+            group["lr"] = lr
         index = torch.randint(len(images), (config.vae_batch,), generator=generator)
         x = _to_tensor(images[index.numpy()])
         posterior = vae.encode(x).latent_dist
@@ -129,7 +140,7 @@ def train_transformer(c: Components, data: dict, config: TrainConfig, log: Calla
         lr = config.lr * min(1.0, (step + 1) / config.warmup) * 0.5 * (1 + math.cos(math.pi * step / config.steps))
         for group in optimiser.param_groups:
             group["lr"] = lr
-        index = torch.randint(len(data["targets"]), (config.batch,), generator=generator)
+        index = torch.multinomial(data["weights"], config.batch, replacement=True, generator=generator)
         x0, cond, prompt = data["targets"][index], data["inputs"][index], data["prompts"][index]
         noise = torch.randn(x0.shape, generator=generator)
         # logit-normal timesteps, as rectified-flow transformers are trained
@@ -184,6 +195,9 @@ def train_proxy(out_dir: str | Path, config: TrainConfig | None = None, log: Cal
         "inputs": encode_images(c.vae, inputs),
         "targets": encode_images(c.vae, targets),
         "prompts": prompts,
+        "weights": torch.tensor(
+            [config.geometric_weight if e[1] in GEOMETRIC else 1.0 for e in examples], dtype=torch.float64
+        ),
         "prompt_embeds": torch.cat([e[0] for e in encoded]),
         "pooled": torch.cat([e[1] for e in encoded]),
     }

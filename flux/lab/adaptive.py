@@ -1,0 +1,48 @@
+"""An adaptive schedule: how many steps to forecast next, decided from how well the cache forecast
+the step just computed.
+
+At each computed step the loop can ask the cache for its forecast of that step before using the
+transformer's prediction, so the forecast's relative error ``e`` at distance ``d`` (steps since the
+previous computed one) is known at no extra transformer cost. A Taylor forecast of order ``n``
+errs about in proportion to ``distance ** (n + 1)``, so the plan forecasts the next ``s`` steps for
+the largest ``s`` (at most ``max_skip``) with ``e * (s / d) ** (n + 1) <= tolerance``; a step whose
+forecast would have been poor is followed by computed steps until the forecasts recover.
+
+A quality-lab candidate (``LabOverrides(step_map=AdaptivePlan(...))``), measured against the fixed
+level maps by ``flux.lab.evaluate``'s schedule curve; not a product level unless that measurement
+says it beats them at equal calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flux.edit import DEFAULT_N_DERIVATIVES
+
+
+@dataclass
+class AdaptivePlan:
+    num_steps: int
+    tolerance: float
+    # steps always computed at each end, as the fixed levels do: the first ones seed the differences
+    edge: int = 3
+    max_skip: int = 3
+    error_order: int = DEFAULT_N_DERIVATIVES + 1
+    measures_forecasts: bool = True
+    next_computed: int = 0
+    errors: list[tuple[int, float]] = field(default_factory=list)
+
+    def computes(self, step: int) -> bool:
+        if step < self.edge or step >= self.num_steps - self.edge:
+            return True
+        return step >= self.next_computed
+
+    def forecasts_after(self, step: int) -> bool:
+        return step < self.num_steps - self.edge - 1
+
+    def observe(self, step: int, forecast_error: float, distance: int) -> None:
+        self.errors.append((step, forecast_error))
+        skip = 0
+        while skip < self.max_skip and forecast_error * ((skip + 1) / distance) ** self.error_order <= self.tolerance:
+            skip += 1
+        self.next_computed = step + skip + 1
