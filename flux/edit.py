@@ -310,7 +310,7 @@ def denoise(
     sigmas_list = sigmas.tolist()
     timers: dict[str, float] = {}
     num_steps = len(sigmas_list) - 1
-    last_computed = None
+    cached_at = None  # the computed step the cache last recorded, while it is the latest computed one
     for i in range(num_steps):
         compute = plan.computes(i)
         if compute:
@@ -328,13 +328,14 @@ def denoise(
                 )[0]
                 prediction = output[:, :num_tokens]
                 report.transformer_calls += 1
-                if plan.measures_forecasts and last_computed is not None:
+                if plan.measures_forecasts and cached_at is not None:
                     # what the cache would have said here: known without another transformer call
                     error = (cache.forecast(float(i)) - prediction.float()).norm() / prediction.float().norm()
-                    plan.observe(i, float(error), i - last_computed)
-                last_computed = i
+                    plan.observe(i, float(error), i - cached_at)
+                cached_at = None
                 if plan.forecasts_after(i):
                     cache.update(prediction, float(i))
+                    cached_at = i
                     report.cache_bytes = max(report.cache_bytes, cache.nbytes())
         else:
             with _Timer(c.device, timers, "forecast"):

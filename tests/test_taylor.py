@@ -296,7 +296,9 @@ def test_adaptive_plan_in_the_loop(components):
         assert counted == result.report.transformer_calls
         calls.append(counted)
         if tolerance == 0.0:
-            assert torch.equal(result.latents, none) and len(plan.errors) == 27
+            # measured at every step the cache could have forecast (from step 1 to the last one that
+            # needs the cache, 24: steps 25 to 27 are computed whatever the forecasts)
+            assert torch.equal(result.latents, none) and [s for s, _ in plan.errors] == list(range(1, 25))
     assert calls == sorted(calls, reverse=True) and calls[0] == 28
     # 3 computed at each end; in between, 3 forecast then 1 computed (steps 6, 10, ..., 22)
     assert calls[-1] == 3 + len(range(6, 25, 4)) + 3
