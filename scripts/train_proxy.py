@@ -1,4 +1,4 @@
-"""Train the proxy Kontext model on procedural edits (CPU, about 45 minutes on 2 cores) and write it
+"""Train the proxy Kontext model on procedural edits (CPU, under 60 minutes on 2 cores) and write it
 in the real weights layout:
 
   python scripts/train_proxy.py --out flux/proxy_weights
