@@ -281,6 +281,27 @@ def test_adaptive_plan_decides_from_the_measured_forecast_error():
     assert plan.forecasts_after(15) and not plan.forecasts_after(16)
 
 
+def test_adaptive_plan_keeps_within_its_call_ceiling():
+    """Held to a level's calls, the plan keeps the last steps' calls and paces the rest evenly, even
+    when every forecast is poor."""
+    from flux.lab.adaptive import AdaptivePlan
+
+    def computed_steps(plan: AdaptivePlan) -> list[int]:
+        steps = []
+        for i in range(plan.num_steps):
+            if plan.computes(i):
+                if steps:
+                    plan.observe(i, 1.0, i - steps[-1])
+                steps.append(i)
+        return steps
+
+    assert computed_steps(AdaptivePlan(20, tolerance=0.0)) == list(range(20))
+    assert computed_steps(AdaptivePlan(20, tolerance=0.0, max_calls=10)) == [0, 1, 2, 6, 10, 13, 16, 17, 18, 19]
+    assert computed_steps(AdaptivePlan(20, tolerance=0.0, max_calls=7)) == [0, 1, 2, 16, 17, 18, 19]
+    # the ceiling never adds calls: a plan that forecasts well stays under it
+    assert len(computed_steps(AdaptivePlan(20, tolerance=1e9, max_calls=10))) < 10
+
+
 def test_adaptive_plan_in_the_loop(components):
     """Tolerance 0 computes every step and gives "none" bit for bit; a large one forecasts as far as
     allowed; calls never grow with the tolerance, and each call is counted on the model."""

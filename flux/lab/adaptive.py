@@ -8,6 +8,10 @@ errs about in proportion to ``distance ** (n + 1)``, so the plan forecasts the n
 the largest ``s`` (at most ``max_skip``) with ``e * (s / d) ** (n + 1) <= tolerance``; a step whose
 forecast would have been poor is followed by computed steps until the forecasts recover.
 
+With ``max_calls`` the plan never makes more transformer calls than that (a fixed level's count):
+it keeps the calls the last steps need, and spends the rest no faster than evenly over the steps
+left, so a hard edit forecasts further apart rather than running out of calls early.
+
 A quality-lab candidate (``LabOverrides(step_map=AdaptivePlan(...))``), measured against the fixed
 level maps by ``flux.lab.evaluate``'s schedule curve; not a product level unless that measurement
 says it beats them at equal calls.
@@ -28,14 +32,20 @@ class AdaptivePlan:
     edge: int = 3
     max_skip: int = 3
     error_order: int = DEFAULT_N_DERIVATIVES + 1
+    max_calls: int | None = None
     measures_forecasts: bool = True
     next_computed: int = 0
+    calls: int = 0
     errors: list[tuple[int, float]] = field(default_factory=list)
 
     def computes(self, step: int) -> bool:
         if step < self.edge or step >= self.num_steps - self.edge:
-            return True
-        return step >= self.next_computed
+            compute = True
+        else:
+            budget = self._middle_budget()
+            compute = step >= self.next_computed and (budget is None or budget > 0)
+        self.calls += compute
+        return compute
 
     def forecasts_after(self, step: int) -> bool:
         return step < self.num_steps - self.edge - 1
@@ -45,4 +55,15 @@ class AdaptivePlan:
         skip = 0
         while skip < self.max_skip and forecast_error * ((skip + 1) / distance) ** self.error_order <= self.tolerance:
             skip += 1
+        left = self.num_steps - self.edge - 1 - step  # forecastable steps after this one
+        budget = self._middle_budget()
+        if left > 0 and budget is not None:
+            # never spend the calls left faster than evenly over the steps left
+            skip = max(skip, -(-left // budget) - 1 if budget > 0 else left)
         self.next_computed = step + skip + 1
+
+    def _middle_budget(self) -> int | None:
+        """Calls left for the steps between the edges (None: no ceiling)."""
+        if self.max_calls is None:
+            return None
+        return self.max_calls - self.calls - self.edge

@@ -32,6 +32,8 @@ DEFAULT_METHOD = "TaylorSeer n=2, step units (product default)"
 CURVE = "schedule curve"  # the level of the rows that trace transformer calls against drift
 CURVE_EVEN_CALLS = (8, 10, 13, 16, 18, 20, 23)
 CURVE_TOLERANCES = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
+# the adaptive schedule held to each level's call count: (tolerance, level)
+CURVE_CAPPED = ((0.02, "go fast"), (0.04, "go fast"), (0.08, "go really fast"), (0.16, "go really fast"))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -111,7 +113,14 @@ def curve_methods() -> list[Method]:
                "adaptive_tolerance": tolerance})
         for tolerance in CURVE_TOLERANCES
     ]  # fmt: skip
-    return even + adaptive
+    capped = [
+        Method(f"adaptive, tolerance {tolerance:g}, at most the {calls} calls of {level}", CURVE,
+               {"n_derivatives": 2, "acceleration": "none", "adaptive_tolerance": tolerance,
+                "adaptive_max_calls": calls})
+        for tolerance, level in CURVE_CAPPED
+        for calls in [taylor_utils.compute_step_count(level, STEPS)]
+    ]  # fmt: skip
+    return even + adaptive + capped
 
 
 def run_method(c: Components, image: Image.Image, prompt: str, seed: int, method: Method) -> tuple[np.ndarray, int]:
@@ -123,8 +132,9 @@ def run_method(c: Components, image: Image.Image, prompt: str, seed: int, method
     acceleration = options.pop("acceleration", method.level)
     step_map = options.pop("step_map", None)
     tolerance = options.pop("adaptive_tolerance", None)
+    max_calls = options.pop("adaptive_max_calls", None)
     if tolerance is not None:
-        step_map = AdaptivePlan(num_steps, tolerance)
+        step_map = AdaptivePlan(num_steps, tolerance, max_calls=max_calls)
     cache = forecasters.make_cache(c, num_steps, SIDE, SIDE, **options)
     settings = EditSettings(prompt, SIDE, SIDE, seed, num_steps=num_steps, acceleration=acceleration)
     result = edit(c, image, settings, lab=LabOverrides(cache=cache, step_map=step_map))
@@ -327,6 +337,12 @@ def adaptive_verdict(report: dict) -> list[dict]:
     return verdicts
 
 
+def _series(row: dict) -> str:
+    if row["method"].startswith("fixed"):
+        return "fixed"
+    return "capped" if "at most" in row["method"] else "adaptive"
+
+
 def curve_chart(report: dict, path: Path) -> Path:
     """PNG: transformer calls (x) against PSNR vs "none" (y), fixed maps and the adaptive schedule."""
     from PIL import ImageDraw
@@ -353,11 +369,10 @@ def curve_chart(report: dict, path: Path) -> Path:
         draw.text((10, py - 6), f"{y0 + (y1 - y0) * i / 5:.1f}", fill="black")
     draw.text((width // 2 - 150, height - 30), f"transformer calls per edit (of {STEPS} steps)", fill="black")
     draw.text((10, 20), 'drift: PSNR of the output against "none" (dB), mean over the held-out edits', fill="black")
-    series = {"fixed": (30, 90, 200), "adaptive": (200, 30, 30)}
+    series = {"fixed": (30, 90, 200), "adaptive": (200, 30, 30), "capped": (30, 150, 60)}
     for name, colour in series.items():
-        points = [xy(m["transformer_calls"], m["psnr_vs_none"]) for m in rows if m["method"].startswith(name)]
-        points.sort()
-        if len(points) > 1:
+        points = sorted(xy(m["transformer_calls"], m["psnr_vs_none"]) for m in rows if _series(m) == name)
+        if len(points) > 1 and name != "capped":
             draw.line(points, fill=colour, width=2)
         for px, py in points:
             draw.ellipse((px - 5, py - 5, px + 5, py + 5), fill=colour)
@@ -365,7 +380,9 @@ def curve_chart(report: dict, path: Path) -> Path:
         if m["method"].startswith("fixed, level map"):
             px, py = xy(m["transformer_calls"], m["psnr_vs_none"])
             draw.text((px + 8, py + 4), m["level"], fill=series["fixed"])
-    draw.text((width - 260, margin), "blue: fixed maps; red: adaptive", fill="black")
+    draw.text(
+        (width - 460, margin), "blue: fixed maps; red: adaptive; green: adaptive within a level's calls", fill="black"
+    )
     canvas.save(path)
     return path
 
