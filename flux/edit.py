@@ -330,7 +330,8 @@ def denoise(
                 report.transformer_calls += 1
                 if plan.measures_forecasts and cached_at is not None:
                     # what the cache would have said here: known without another transformer call
-                    error = (cache.forecast(float(i)) - prediction.float()).norm() / prediction.float().norm()
+                    actual = prediction.float()
+                    error = (cache.forecast(float(i)) - actual).norm() / actual.norm()
                     plan.observe(i, float(error), i - cached_at)
                 cached_at = None
                 if plan.forecasts_after(i):
