@@ -2,7 +2,8 @@
 # One prepared GPU check (one H100, no network, at most 8 minutes): full-size random weights,
 # 1024x1024 edit of a 1024x1024 input, 28 steps, every level; eager, compiled (dynamic shapes),
 # compiled static shapes (with the stall at sizes never seen), compiled + FP8;
-# then a cold start in a fresh process that reuses the compile cache.
+# then a cold start in a fresh process that reuses the compile cache; last, a few proxy training
+# steps on CUDA (scripts/train_proxy.py --quick: the training's device path runs on a GPU).
 #   bash scripts/gpu_check.sh OUT_DIR      -> OUT_DIR/gpu_check.json, cold_start.json, gpu_check.log
 # Uses the machine's python and torch. Packages that machine lacks (diffusers, torchao) travel as
 # wheels in .whl/ (bash scripts/gpu_wheels.sh, here, with network) and are installed from there.
@@ -19,4 +20,5 @@ fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/torch-compile}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt" || true
-timeout 470 "$PY" -m flux.lab.gpu_check "$out" 2>&1 | tee "$out/gpu_check.log"
+timeout 450 "$PY" -m flux.lab.gpu_check "$out" 2>&1 | tee "$out/gpu_check.log" || true
+FLUX_DEVICE=cuda timeout 20 "$PY" scripts/train_proxy.py --quick --out "$out/proxy_quick" 2>&1 | tail -3 | tee "$out/train_proxy_quick.log"

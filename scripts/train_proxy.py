@@ -1,5 +1,5 @@
-"""Train the proxy Kontext model on procedural edits (CPU, under 60 minutes on 2 cores) and write it
-in the real weights layout:
+"""Train the proxy Kontext model on procedural edits (under 60 minutes on 2 CPU cores; on CUDA when
+present, FLUX_DEVICE=cpu to refuse it) and write it in the real weights layout:
 
   python scripts/train_proxy.py --out flux/proxy_weights
   python scripts/train_proxy.py --out /tmp/proxy --quick      # seconds: a smoke run
@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from flux.errors import InputError  # noqa: E402
 from flux.lab.train import QUICK, TrainConfig, train_proxy  # noqa: E402
 
 if __name__ == "__main__":
@@ -20,8 +21,14 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="transformer steps (default: the full run's)")
     parser.add_argument("--quick", action="store_true", help="a few steps only (tests)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer's training step")
     args = parser.parse_args()
     config = replace(QUICK if args.quick else TrainConfig(), seed=args.seed)
+    if args.compile:
+        config = replace(config, compile=True)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
-    train_proxy(args.out, config)
+    try:
+        train_proxy(args.out, config)
+    except InputError as error:
+        sys.exit(f"error: {error}")

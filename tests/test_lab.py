@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from flux import weights
+from flux.errors import InputError
 from flux.lab.evaluate import CURVE, evaluate, even_map, ssim, write
 from flux.lab.scenes import EDITS, PROMPTS, make_scene
 from flux.lab.train import QUICK, train_proxy
@@ -31,6 +34,21 @@ def test_proxy_is_in_the_real_layout(proxy):
     for entry in weights.load_manifest()["files"]:
         assert (proxy / entry["path"]).is_file()
     assert json.loads((proxy / "training.json").read_text())["config"]["steps"] == QUICK.steps
+
+
+def test_instruction_weights_need_one_per_instruction(tmp_path):
+    config = replace(QUICK, instruction_weights=(1.0,) * (len(PROMPTS) - 1))
+    with pytest.raises(ValueError, match="one weight per instruction"):
+        train_proxy(tmp_path / "weights", config, log=lambda line: None)
+    assert not (tmp_path / "weights").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_training_on_cuda_without_one_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUX_DEVICE", "cuda")
+    with pytest.raises(InputError, match="no CUDA device"):
+        train_proxy(tmp_path / "weights", QUICK, log=lambda line: None)
+    assert not (tmp_path / "weights").exists()
 
 
 def test_evaluation_report_structure(proxy, tmp_path):

@@ -58,7 +58,6 @@ EDITS: dict[str, Callable[[Scene], np.ndarray]] = {
     "make the square blue": _recolour("square", BLUE),
 }
 PROMPTS = list(EDITS)
-GEOMETRIC = ("flip the image horizontally", "flip the image vertically", "rotate the image 90 degrees")
 
 
 def make_example(rng: np.random.Generator, prompt: str | None = None) -> tuple[np.ndarray, str, np.ndarray]:
