@@ -21,4 +21,4 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/torch-compile}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt" || true
 timeout 450 "$PY" -m flux.lab.gpu_check "$out" 2>&1 | tee "$out/gpu_check.log" || true
-FLUX_DEVICE=cuda timeout 20 "$PY" scripts/train_proxy.py --quick --out "$out/proxy_quick" 2>&1 | tail -3 | tee "$out/train_proxy_quick.log"
+FLUX_DEVICE=cuda timeout 20 "$PY" scripts/train_proxy.py --quick --out /tmp/proxy_quick 2>&1 | tail -3 | tee "$out/train_proxy_quick.log"

@@ -78,14 +78,14 @@ class TrainConfig:
 QUICK = TrainConfig(examples=64, vae_steps=3, vae_batch=8, steps=3, batch=8, warmup=1)
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1] on ``device``."""
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(device)
 
 
 def _reconstruction_psnr(vae, images: np.ndarray) -> float:
     with torch.no_grad():
-        sample = _to_tensor(images).to(vae.device)
+        sample = _to_tensor(images, vae.device)
         recon = vae.decode(vae.encode(sample).latent_dist.mode()).sample
         mse = torch.nn.functional.mse_loss(recon, sample).item()
     return 10 * math.log10(4.0 / max(mse, 1e-12))
@@ -112,7 +112,7 @@ def train_vae(vae, images: np.ndarray, held_out: np.ndarray, config: TrainConfig
         for group in optimiser.param_groups:
             group["lr"] = lr
         index = torch.randint(len(images), (config.vae_batch,), generator=generator)
-        x = _to_tensor(images[index.numpy()]).to(vae.device)
+        x = _to_tensor(images[index.numpy()], vae.device)
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample
         loss = torch.nn.functional.mse_loss(recon, x)
         optimiser.zero_grad(set_to_none=True)
@@ -125,7 +125,7 @@ def train_vae(vae, images: np.ndarray, held_out: np.ndarray, config: TrainConfig
             log(f"vae step {step}: loss {loss.item():.4f}, held-out {held:.2f} dB ({time.perf_counter() - start:.0f}s)")
     vae.eval()
     with torch.no_grad():
-        z = vae.encode(_to_tensor(images[:512]).to(vae.device)).latent_dist.mode()
+        z = vae.encode(_to_tensor(images[:512], vae.device)).latent_dist.mode()
         shift, scale = z.mean().item(), 1.0 / z.std().item()
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     return {
@@ -141,7 +141,7 @@ def encode_images(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> packed, scaled latents (N, tokens, 64), on the VAE's device."""
     out = []
     for i in range(0, len(images), batch):
-        z = vae.encode(_to_tensor(images[i : i + batch]).to(vae.device)).latent_dist.mode()
+        z = vae.encode(_to_tensor(images[i : i + batch], vae.device)).latent_dist.mode()
         out.append(pack((z - vae.config.shift_factor) * vae.config.scaling_factor))
     return torch.cat(out)
 
