@@ -6,13 +6,27 @@ import os
 
 import torch
 
+from flux.errors import InputError
+
 
 def pick_device() -> torch.device:
-    """CUDA when present (unless FLUX_DEVICE says otherwise), else the CPU."""
+    """CUDA when present (unless FLUX_DEVICE says otherwise), else the CPU.
+
+    A FLUX_DEVICE this machine cannot honour is a clear error here, not a trace from the first
+    tensor moved to it.
+    """
     wanted = os.environ.get("FLUX_DEVICE")
-    if wanted:
-        return torch.device(wanted)
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if not wanted:
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(wanted)
+    except RuntimeError:
+        raise InputError(f"FLUX_DEVICE={wanted!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"FLUX_DEVICE={wanted!r} asks for CUDA, but this machine has no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"FLUX_DEVICE={wanted!r}: only cpu and cuda are supported")
+    return device
 
 
 def dtype_for(device: torch.device) -> torch.dtype:

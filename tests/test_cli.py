@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
+import pytest
+import torch
 from PIL import Image
 
 from flux import sizes
+from flux.device import pick_device
+from flux.errors import InputError
 from flux.lab.tiny import TINY_SIDE
 from tests.conftest import image_bytes, random_image
 
 
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "flux", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "flux", *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env
+    )
 
 
 def test_edit_writes_an_image_and_reports_phases(tiny_weights, tmp_path):
@@ -53,6 +60,32 @@ def test_seed_outside_the_range_is_refused(tiny_weights, tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "--seed: must be between 0 and 4294967295" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("wanted", "message"),
+    [("banana", "is not a device"), ("mps", "only cpu and cuda"), ("cuda", "this machine has no CUDA device")],
+)
+def test_pick_device_refuses_a_device_this_machine_cannot_use(monkeypatch, wanted, message):
+    if wanted == "cuda" and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    monkeypatch.setenv("FLUX_DEVICE", wanted)
+    with pytest.raises(InputError, match=message):
+        pick_device()
+    monkeypatch.setenv("FLUX_DEVICE", "cpu")
+    assert pick_device() == torch.device("cpu")
+
+
+def test_an_unusable_device_is_a_clear_error_on_the_command_line(tiny_weights, tmp_path):
+    source = tmp_path / "in.png"
+    source.write_bytes(image_bytes(random_image(32, 32)))
+    result = run_cli(
+        "edit", "--weights", str(tiny_weights), "--image", str(source), "--prompt", "x",
+        "--out", str(tmp_path / "o.png"), env={**os.environ, "FLUX_DEVICE": "banana"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "error: FLUX_DEVICE='banana' is not a device" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_lora_on_the_command_line(tiny_weights, tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ def test_instruction_weights_need_one_per_instruction(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_training_on_cuda_without_one_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FLUX_DEVICE", "cuda")
-    with pytest.raises(InputError, match="no CUDA device"):
+    with pytest.raises(InputError, match="has no CUDA device"):
         train_proxy(tmp_path / "weights", QUICK, log=lambda line: None)
     assert not (tmp_path / "weights").exists()
 
