@@ -29,7 +29,7 @@ import torch
 
 import taylor_utils
 from flux import lora, sizes
-from flux.device import release_memory, synchronize
+from flux.device import dtype_for, release_memory, synchronize
 from flux.fast import FastSettings, compile_transformer, optimize, quantize_fp8, warm_up_sizes
 from flux.lab.benchmark import SIZES, input_image, psnr, run_project
 from flux.lab.tiny import random_components
@@ -131,8 +131,7 @@ def _lora_case(c, image, size: int, say, mode: str) -> dict:
 
 
 def _build(preset: str, device: torch.device):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return random_components(preset, device, dtype, tempfile.mkdtemp(prefix="gpu-check-"))
+    return random_components(preset, device, dtype_for(device), tempfile.mkdtemp(prefix="gpu-check-"))
 
 
 def cold_start(out: Path, preset: str, device: torch.device) -> dict:
