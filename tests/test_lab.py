@@ -36,6 +36,18 @@ def test_proxy_is_in_the_real_layout(proxy):
     assert json.loads((proxy / "training.json").read_text())["config"]["steps"] == QUICK.steps
 
 
+def test_training_is_deterministic_from_its_seed(proxy, tmp_path):
+    """The same seed writes the same weights, byte for byte; another seed does not."""
+    again = train_proxy(tmp_path / "again", QUICK, log=lambda line: None)
+    other = train_proxy(tmp_path / "other", replace(QUICK, seed=1), log=lambda line: None)
+    files = sorted(path.relative_to(proxy) for path in proxy.rglob("*.safetensors"))
+    assert len(files) >= 4
+    for file in files:
+        assert (again / file).read_bytes() == (proxy / file).read_bytes(), file
+    transformer = sorted(f for f in files if f.parts[0] == "transformer")
+    assert any((other / f).read_bytes() != (proxy / f).read_bytes() for f in transformer)
+
+
 def test_instruction_weights_need_one_per_instruction(tmp_path):
     config = replace(QUICK, instruction_weights=(1.0,) * (len(PROMPTS) - 1))
     with pytest.raises(ValueError, match="one weight per instruction"):
