@@ -1,4 +1,4 @@
-"""Train the proxy Kontext model on procedural edits (60-65 minutes on 2 CPU cores; on CUDA when
+"""Train the proxy Kontext model on procedural edits (under 60 minutes on 2 CPU cores; on CUDA when
 present, FLUX_DEVICE=cpu to refuse it) and write it in the real weights layout:
 
   python scripts/train_proxy.py --out flux/proxy_weights
@@ -21,11 +21,11 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="transformer steps (default: the full run's)")
     parser.add_argument("--quick", action="store_true", help="a few steps only (tests)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer's training step")
+    parser.add_argument("--eager", action="store_true", help="do not torch.compile the transformer's training step")
     args = parser.parse_args()
     config = replace(QUICK if args.quick else TrainConfig(), seed=args.seed)
-    if args.compile:
-        config = replace(config, compile=True)
+    if args.eager:
+        config = replace(config, compile=False)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
     try:

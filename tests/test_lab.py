@@ -12,7 +12,7 @@ import torch
 from flux import weights
 from flux.errors import InputError
 from flux.lab.evaluate import CURVE, evaluate, even_map, ssim, write
-from flux.lab.scenes import EDITS, PROMPTS, make_scene
+from flux.lab.scenes import CIRCLE_COLOURS, EDITS, PROMPTS, SQUARE_COLOURS, make_scene
 from flux.lab.train import QUICK, train_proxy
 
 
@@ -27,6 +27,20 @@ def test_edits_are_exact():
     assert np.array_equal(EDITS["invert the colours"](scene), 255 - scene.image)
     red = EDITS["make the circle red"](scene)
     assert (red[scene.circle] == (220, 30, 30)).all() and np.array_equal(red[~scene.circle], scene.image[~scene.circle])
+
+
+def test_each_shape_takes_a_colour_of_its_own_palette():
+    """A token's colour tells a circle from a square: the recolours depend on it (docs/quality.md)."""
+    assert not set(CIRCLE_COLOURS) & set(SQUARE_COLOURS)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(40):
+        scene = make_scene(rng)
+        circle, square = (tuple(int(v) for v in scene.image[mask][0]) for mask in (scene.circle, scene.square))
+        assert (scene.image[scene.circle] == circle).all() and (scene.image[scene.square] == square).all()
+        assert circle in CIRCLE_COLOURS and square in SQUARE_COLOURS
+        seen |= {circle, square}
+    assert seen == set(CIRCLE_COLOURS) | set(SQUARE_COLOURS)
 
 
 def test_proxy_is_in_the_real_layout(proxy):
