@@ -69,7 +69,7 @@ class TrainConfig:
     # how often each instruction (in PROMPTS order) is drawn: the geometric edits (the flips, the
     # rotation) need attention to learn where each token goes, and get twice the examples
     instruction_weights: tuple[float, ...] = (2.0, 2.0, 1.0, 2.0, 1.0, 1.0)
-    # torch.compile the transformer's training step: 0.34-0.37 s/step instead of 0.41-0.50 eager on 2 CPU
+    # torch.compile the transformer's training step: 0.34-0.40 s/step instead of 0.41-0.50 eager on 2 CPU
     # cores, after 1-2 minutes of compilation; what keeps the run within 60 minutes. Compiled kernels
     # round differently from eager ones, so the committed proxy is reproduced with this on.
     compile: bool = True
@@ -100,7 +100,7 @@ def train_vae(vae, images: np.ndarray, held_out: np.ndarray, config: TrainConfig
     1.5 dB better, and the edit loop only ever decodes the mean anyway.
     """
     generator = torch.Generator().manual_seed(config.seed + 10)
-    optimiser = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0, foreach=True)
     vae.train()
     start = time.perf_counter()
     for step in range(config.vae_steps):
@@ -141,8 +141,12 @@ def train_vae(vae, images: np.ndarray, held_out: np.ndarray, config: TrainConfig
 
 
 @torch.no_grad()
-def encode_images(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> packed, scaled latents (N, tokens, 64), on the VAE's device."""
+def encode_images(vae, images: np.ndarray, batch: int = 32) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> packed, scaled latents (N, tokens, 64), on the VAE's device.
+
+    Batches of 32 encode twice as fast as batches of 256 on the CPU (they stay in cache) and give
+    the same latents bit for bit: 39 s instead of 88 for the full run's 24,000 images.
+    """
     out = []
     for i in range(0, len(images), batch):
         z = vae.encode(_to_tensor(images[i : i + batch], vae.device)).latent_dist.mode()
@@ -154,7 +158,9 @@ def train_transformer(c: Components, data: dict, config: TrainConfig, log: Calla
     transformer = c.transformer
     ema = copy.deepcopy(transformer).eval()
     generator = torch.Generator().manual_seed(config.seed + 20)
-    optimiser = torch.optim.AdamW(transformer.parameters(), lr=config.lr, weight_decay=0.01)
+    # foreach: the same arithmetic as the per-tensor loop PyTorch picks on the CPU (the same weights,
+    # bit for bit), 6 ms a step faster over the transformer's 200 tensors
+    optimiser = torch.optim.AdamW(transformer.parameters(), lr=config.lr, weight_decay=0.01, foreach=True)
     tokens = data["targets"].shape[1]
     side = int(math.isqrt(tokens))
     ids = torch.cat(
