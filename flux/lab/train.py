@@ -58,10 +58,10 @@ tiny.PRESETS["proxy"] = {
 class TrainConfig:
     seed: int = 0
     examples: int = 12000
-    vae_steps: int = 2200
+    vae_steps: int = 1800
     vae_batch: int = 32
     vae_lr: float = 2e-3
-    steps: int = 4200
+    steps: int = 5000
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100
