@@ -1,4 +1,4 @@
-"""Train the proxy Kontext model on procedural edits (under 60 minutes on 2 CPU cores; on CUDA when
+"""Train the proxy Kontext model on procedural edits (about 59 minutes on 2 CPU cores; on CUDA when
 present, FLUX_DEVICE=cpu to refuse it) and write it in the real weights layout:
 
   python scripts/train_proxy.py --out flux/proxy_weights

@@ -70,7 +70,7 @@ class TrainConfig:
     # rotation) need attention to learn where each token goes, and get twice the examples
     instruction_weights: tuple[float, ...] = (2.0, 2.0, 1.0, 2.0, 1.0, 1.0)
     # torch.compile the transformer's training step: 0.34-0.40 s/step instead of 0.41-0.50 eager on 2 CPU
-    # cores, after 1-2 minutes of compilation; what keeps the run within 60 minutes. Compiled kernels
+    # cores, after 1-2 minutes of compilation; what keeps the run near 60 minutes. Compiled kernels
     # round differently from eager ones, so the committed proxy is reproduced with this on.
     compile: bool = True
 
