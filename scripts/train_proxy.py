@@ -1,5 +1,5 @@
-"""Train the proxy Kontext model on procedural edits (about 59 minutes on 2 CPU cores; on CUDA when
-present, FLUX_DEVICE=cpu to refuse it) and write it in the real weights layout:
+"""Train the proxy Kontext model on procedural edits (23 to 59 minutes on 2 CPU cores, by the machine;
+on CUDA when present, FLUX_DEVICE=cpu to refuse it) and write it in the real weights layout:
 
   python scripts/train_proxy.py --out flux/proxy_weights
   python scripts/train_proxy.py --out /tmp/proxy --quick      # seconds: a smoke run

@@ -58,7 +58,7 @@ tiny.PRESETS["proxy"] = {
 class TrainConfig:
     seed: int = 0
     examples: int = 12000
-    vae_steps: int = 1800
+    vae_steps: int = 1700
     vae_batch: int = 32
     vae_lr: float = 2e-3
     steps: int = 5000
@@ -67,11 +67,13 @@ class TrainConfig:
     warmup: int = 100
     ema: float = 0.999
     # how often each instruction (in PROMPTS order) is drawn: the geometric edits (the flips, the
-    # rotation) need attention to learn where each token goes, and get twice the examples
-    instruction_weights: tuple[float, ...] = (2.0, 2.0, 1.0, 2.0, 1.0, 1.0)
-    # torch.compile the transformer's training step: 0.34-0.40 s/step instead of 0.41-0.50 eager on 2 CPU
-    # cores, after 1-2 minutes of compilation; what keeps the run near 60 minutes. Compiled kernels
-    # round differently from eager ones, so the committed proxy is reproduced with this on.
+    # rotation) need attention to learn where each token goes, and the inversion must map every
+    # palette colour to its complement; they get twice the examples of the two recolours
+    instruction_weights: tuple[float, ...] = (2.0, 2.0, 2.0, 2.0, 1.0, 1.0)
+    # torch.compile the transformer's training step: 0.33-0.40 s/step instead of 0.41-0.50 eager on the
+    # slower 2-core machines, after 1-2 minutes of compilation; what keeps the run within 60 minutes there
+    # (docs/quality.md). Compiled kernels round differently from eager ones, so the committed proxy is
+    # reproduced with this on.
     compile: bool = True
 
 
