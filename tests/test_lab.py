@@ -13,6 +13,7 @@ from flux import weights
 from flux.errors import InputError
 from flux.lab.evaluate import CURVE, evaluate, even_map, ssim, write
 from flux.lab.scenes import CIRCLE_COLOURS, EDITS, PROMPTS, SQUARE_COLOURS, make_scene
+from flux.lab.shapes import count_shapes, inversion_colours, markdown, shapes_right
 from flux.lab.train import QUICK, train_proxy
 
 
@@ -102,6 +103,31 @@ def test_evaluation_report_structure(proxy, tmp_path):
     assert all(2 * 3 <= m["transformer_calls"] <= 28 for m in adaptive)
     assert len(report["adaptive_verdict"]) == len(adaptive)
     assert paths["curve"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_shape_is_right_where_the_target_has_it_in_the_targets_colour():
+    rng = np.random.default_rng(3)
+    for prompt in PROMPTS:
+        scene = make_scene(rng)
+        assert shapes_right(EDITS[prompt](scene), scene, prompt) == {"circle": True, "square": True}, prompt
+    scene = make_scene(rng)
+    # the input unedited: the circle keeps its cool colour where the target has it red, the square is kept
+    assert shapes_right(scene.image, scene, "make the circle red") == {"circle": False, "square": True}
+    assert shapes_right(scene.image, scene, "invert the colours") == {"circle": False, "square": False}
+    # a flip moves the masks with the pixels
+    flipped = EDITS["flip the image vertically"](scene)
+    assert shapes_right(flipped, scene, "flip the image vertically") == {"circle": True, "square": True}
+
+
+def test_shape_counts_on_a_trained_proxy(proxy):
+    rows = count_shapes(proxy, scenes=2, log=lambda line: None)
+    assert [row["instruction"] for row in rows] == PROMPTS
+    assert all(0 <= row[key] <= 2 for row in rows for key in ("circle", "square", "closer"))
+    inversion = inversion_colours(proxy, scenes=3)
+    assert [sum(seen for _, seen in colours.values()) for colours in inversion.values()] == [3, 3]
+    assert all(0 <= right <= seen for colours in inversion.values() for right, seen in colours.values())
+    table = markdown(rows, inversion)
+    assert all(prompt in table for prompt in PROMPTS) and "inversion, circles right" in table
 
 
 def test_ssim_and_maps():

@@ -177,7 +177,7 @@ def evaluate(
             "none_psnr_to_target": psnr(none, target),
             "vae_ceiling_psnr_to_target": psnr(_reconstruct(c, target), target),
         }
-        figures["none_closer_than_input"] = float(_closer(none, source, target))
+        figures["none_closer_than_input"] = float(closer_than_input(none, source, target))
         for key, value in figures.items():
             baseline.setdefault(key, []).append(value)
             per_prompt[prompt].setdefault(key, []).append(value)
@@ -192,7 +192,7 @@ def evaluate(
             row["psnr"].append(psnr(out, none))
             row["ssim"].append(ssim(out, none))
             row["target_psnr"].append(psnr(out, target))
-            row["closer"].append(float(_closer(out, source, target)))
+            row["closer"].append(float(closer_than_input(out, source, target)))
             if method.name == DEFAULT_METHOD:
                 per_prompt[prompt].setdefault(f"{method.level}_psnr_vs_none", []).append(row["psnr"][-1])
                 per_prompt[prompt].setdefault(f"{method.level}_psnr_to_target", []).append(row["target_psnr"][-1])
@@ -233,7 +233,7 @@ def evaluate(
     return {"report": report, "samples": samples}
 
 
-def _closer(out: np.ndarray, source: np.ndarray, target: np.ndarray) -> bool:
+def closer_than_input(out: np.ndarray, source: np.ndarray, target: np.ndarray) -> bool:
     """Whether ``out`` is closer to the target than the input is (mean squared error)."""
     return bool(np.mean((out.astype(float) - target) ** 2) < np.mean((source.astype(float) - target) ** 2))
 

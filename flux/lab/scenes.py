@@ -53,11 +53,18 @@ def _recolour(mask_name: str, colour: tuple[int, int, int]) -> Callable[[Scene],
     return apply
 
 
+# the edits that move pixels, as functions of an (H, W, ...) array: they move the shapes' masks too
+GEOMETRIC: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "flip the image horizontally": lambda a: a[:, ::-1].copy(),
+    "flip the image vertically": lambda a: a[::-1].copy(),
+    "rotate the image 90 degrees": lambda a: np.rot90(a).copy(),
+}
+
 EDITS: dict[str, Callable[[Scene], np.ndarray]] = {
-    "flip the image horizontally": lambda s: s.image[:, ::-1].copy(),
-    "flip the image vertically": lambda s: s.image[::-1].copy(),
+    "flip the image horizontally": lambda s: GEOMETRIC["flip the image horizontally"](s.image),
+    "flip the image vertically": lambda s: GEOMETRIC["flip the image vertically"](s.image),
     "invert the colours": lambda s: 255 - s.image,
-    "rotate the image 90 degrees": lambda s: np.rot90(s.image).copy(),
+    "rotate the image 90 degrees": lambda s: GEOMETRIC["rotate the image 90 degrees"](s.image),
     "make the circle red": _recolour("circle", RED),
     "make the square blue": _recolour("square", BLUE),
 }
