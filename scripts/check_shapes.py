@@ -10,7 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 from flux.lab.shapes import count_shapes, inversion_colours, markdown  # noqa: E402
+from flux.loading import load_components  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -18,6 +21,7 @@ if __name__ == "__main__":
     parser.add_argument("--scenes", type=int, default=20, help="fresh scenes per instruction")
     parser.add_argument("--inversions", type=int, default=30, help="fresh scenes for the inversion's colours")
     args = parser.parse_args()
-    rows = count_shapes(args.weights, args.scenes)
-    inversion = inversion_colours(args.weights, args.inversions) if args.inversions else None
+    components = load_components(args.weights, torch.device("cpu"), torch.float32)
+    rows = count_shapes(components, args.scenes)
+    inversion = inversion_colours(components, args.inversions) if args.inversions else None
     print(markdown(rows, inversion))

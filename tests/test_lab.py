@@ -15,6 +15,7 @@ from flux.lab.evaluate import CURVE, evaluate, even_map, ssim, write
 from flux.lab.scenes import CIRCLE_COLOURS, EDITS, PROMPTS, SQUARE_COLOURS, make_scene
 from flux.lab.shapes import count_shapes, inversion_colours, markdown, shapes_right
 from flux.lab.train import QUICK, train_proxy
+from flux.loading import load_components
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +121,11 @@ def test_a_shape_is_right_where_the_target_has_it_in_the_targets_colour():
 
 
 def test_shape_counts_on_a_trained_proxy(proxy):
-    rows = count_shapes(proxy, scenes=2, log=lambda line: None)
+    components = load_components(proxy, torch.device("cpu"), torch.float32)
+    rows = count_shapes(components, scenes=2, log=lambda line: None)
     assert [row["instruction"] for row in rows] == PROMPTS
     assert all(0 <= row[key] <= 2 for row in rows for key in ("circle", "square", "closer"))
-    inversion = inversion_colours(proxy, scenes=3)
+    inversion = inversion_colours(components, scenes=3)
     assert [sum(seen for _, seen in colours.values()) for colours in inversion.values()] == [3, 3]
     assert all(0 <= right <= seen for colours in inversion.values() for right, seen in colours.values())
     table = markdown(rows, inversion)
@@ -143,7 +145,6 @@ def test_a_lora_trained_on_the_proxy_goes_through_the_product_path(tmp_path):
     diffusers and merged by the product's LoRA path; the evaluation reports both sides."""
     from flux.lab.train_lora import QUICK as LORA_QUICK
     from flux.lab.train_lora import evaluate_lora, train_lora, write_grid
-    from flux.loading import load_components
     from flux.lora import convert
 
     proxy_weights = weights.PROJECT_ROOT / "flux" / "proxy_weights"

@@ -15,6 +15,9 @@ BACKGROUNDS = [(235, 225, 200), (200, 220, 235), (215, 235, 205), (60, 60, 70), 
 # learn which shape to repaint within the training budget (docs/quality.md, eighth session).
 CIRCLE_COLOURS = [(40, 170, 80), (30, 180, 200), (150, 60, 190)]
 SQUARE_COLOURS = [(230, 160, 30), (240, 230, 60), (240, 120, 170)]
+COLOUR_NAMES = dict(
+    zip(CIRCLE_COLOURS + SQUARE_COLOURS, ("green", "cyan", "purple", "orange", "yellow", "pink"), strict=True)
+)
 RED = (220, 30, 30)
 BLUE = (30, 60, 220)
 

@@ -5,21 +5,18 @@ right (docs/quality.md, "What the numbers say")."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from flux.lab.evaluate import Method, closer_than_input, run_method
-from flux.lab.scenes import CIRCLE_COLOURS, EDITS, GEOMETRIC, PROMPTS, SQUARE_COLOURS, Scene, make_scene
-from flux.loading import Components, load_components
+from flux.lab.scenes import CIRCLE_COLOURS, COLOUR_NAMES, EDITS, GEOMETRIC, PROMPTS, SQUARE_COLOURS, Scene, make_scene
+from flux.loading import Components
 
 # a shape is right when the output's mean colour over the shape's place in the target is within this RGB
 # distance of the target's colour there
 RIGHT_DISTANCE = 60.0
-SHAPES = ("circle", "square")
-COLOUR_NAMES = {"circle": ("green", "cyan", "purple"), "square": ("orange", "yellow", "pink")}
+PALETTES = {"circle": CIRCLE_COLOURS, "square": SQUARE_COLOURS}
 
 
 def shapes_right(output: np.ndarray, scene: Scene, prompt: str) -> dict[str, bool]:
@@ -28,7 +25,7 @@ def shapes_right(output: np.ndarray, scene: Scene, prompt: str) -> dict[str, boo
     target = EDITS[prompt](scene).astype(float)
     move = GEOMETRIC.get(prompt, lambda array: array)
     right = {}
-    for shape in SHAPES:
+    for shape in PALETTES:
         place = move(getattr(scene, shape))
         distance = np.linalg.norm(output[place].astype(float).mean(0) - target[place].mean(0))
         right[shape] = bool(distance <= RIGHT_DISTANCE)
@@ -39,12 +36,9 @@ def _none_output(c: Components, scene: Scene, prompt: str, seed: int) -> np.ndar
     return run_method(c, Image.fromarray(scene.image), prompt, seed, Method("none", "none"))[0]
 
 
-def count_shapes(
-    weights_dir: str | Path, scenes: int = 20, seed: int = 4321, log: Callable[[str], None] = print
-) -> list[dict]:
+def count_shapes(c: Components, scenes: int = 20, seed: int = 4321, log: Callable[[str], None] = print) -> list[dict]:
     """Per instruction, over ``scenes`` fresh scenes edited at "none": shapes right and outputs closer to
     the target than the input."""
-    c = load_components(weights_dir, torch.device("cpu"), torch.float32)
     rng = np.random.default_rng(seed)
     rows = []
     for prompt in PROMPTS:
@@ -61,19 +55,17 @@ def count_shapes(
     return rows
 
 
-def inversion_colours(weights_dir: str | Path, scenes: int = 30, seed: int = 98765) -> dict[str, dict[str, list[int]]]:
-    """Inverted shapes right, by shape and input colour: ``{shape: {colour: [right, seen]}}``."""
-    c = load_components(weights_dir, torch.device("cpu"), torch.float32)
-    palettes = {"circle": CIRCLE_COLOURS, "square": SQUARE_COLOURS}
-    counts = {shape: {name: [0, 0] for name in COLOUR_NAMES[shape]} for shape in SHAPES}
+def inversion_colours(c: Components, scenes: int = 30, seed: int = 98765) -> dict[str, dict[str, list[int]]]:
+    """Inverted shapes right, by shape and input colour: ``{shape: {colour name: [right, seen]}}``."""
+    counts = {shape: {COLOUR_NAMES[colour]: [0, 0] for colour in palette} for shape, palette in PALETTES.items()}
     rng = np.random.default_rng(seed)
     prompt = "invert the colours"
     for index in range(scenes):
         scene = make_scene(rng)
         right = shapes_right(_none_output(c, scene, prompt, index), scene, prompt)
-        for shape in SHAPES:
+        for shape in PALETTES:
             colour = tuple(int(v) for v in scene.image[getattr(scene, shape)][0])
-            tally = counts[shape][COLOUR_NAMES[shape][palettes[shape].index(colour)]]
+            tally = counts[shape][COLOUR_NAMES[colour]]
             tally[0] += right[shape]
             tally[1] += 1
     return counts
@@ -88,8 +80,8 @@ def markdown(rows: list[dict], inversion: dict[str, dict[str, list[int]]] | None
         )
     if inversion:
         lines.append("")
-    for shape, colours in (inversion or {}).items():
-        right, seen = (sum(tally[i] for tally in colours.values()) for i in (0, 1))
-        detail = ", ".join(f"{name} {r} / {s}" for name, (r, s) in colours.items())
-        lines.append(f"- inversion, {shape}s right: {right} / {seen} ({detail})")
+        for shape, colours in inversion.items():
+            right, seen = (sum(tally[i] for tally in colours.values()) for i in (0, 1))
+            detail = ", ".join(f"{name} {r} / {s}" for name, (r, s) in colours.items())
+            lines.append(f"- inversion, {shape}s right: {right} / {seen} ({detail})")
     return "\n".join(lines)
