@@ -10,7 +10,7 @@ import logging
 import os
 import pathlib
 
-from cog import BaseRunner, Input, Path
+from cog import BaseRunner, Input, Path, Secret
 
 import taylor_utils
 from flux import sizes
@@ -19,9 +19,9 @@ from flux.edit import MAX_SEED, MULTI_IMAGE_MODES, base_side
 from flux.errors import InputError
 from flux.fast import warm_up_sizes
 from flux.images import OUTPUT_FORMATS, save_image
-from flux.lora import MAX_STRENGTH, MIN_STRENGTH, LoraRequest
+from flux.lora_sources import MAX_SOURCE_CHARS, MAX_STRENGTH, MIN_STRENGTH, LoraTokens, clean_partials, lora_requests
 from flux.outputs import new_output_path
-from flux.pipeline import Model, load_model, run_edit, warm_up
+from flux.pipeline import MAX_PROMPT_CHARS, Model, load_model, run_edit, warm_up
 
 
 class Predictor(BaseRunner):
@@ -29,6 +29,7 @@ class Predictor(BaseRunner):
         """Check the weights against the manifest, load them, apply the GPU fast path and warm it up."""
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         weights_dir = os.environ.get("WEIGHTS_DIR", "weights")
+        clean_partials()  # a worker killed mid-download leaves its partial file behind
         self.model: Model = load_model(weights_dir)
         if "compile" in self.model.fast_path:  # compile the graph(s) now, not in the first request
             warm_up(self.model, warm_up_sizes(base_side(self.model.components)))
@@ -37,7 +38,9 @@ class Predictor(BaseRunner):
 
     def run(
         self,
-        prompt: str = Input(description="Text description of what to change in the input image"),
+        prompt: str = Input(
+            description="Text description of what to change in the input image", max_length=MAX_PROMPT_CHARS
+        ),
         input_image: Path = Input(description="Image to edit: jpeg, png, gif or webp"),
         aspect_ratio: str = Input(
             description="Aspect ratio of the output; match_input_image keeps the input's",
@@ -70,11 +73,14 @@ class Predictor(BaseRunner):
             description="LoRA to apply: a Hugging Face repo (owner/name or owner/name/file.safetensors), a "
             "huggingface.co URL, an http(s) URL of a .safetensors file, a Replicate weights .tar, or a CivitAI URL",
             default=None,
+            max_length=MAX_SOURCE_CHARS,
         ),
         lora_strength: float = Input(
             description="How strongly the LoRA applies; 0 turns it off", ge=MIN_STRENGTH, le=MAX_STRENGTH, default=1.0
         ),
-        extra_lora_weights: str | None = Input(description="A second LoRA, the same sources", default=None),
+        extra_lora_weights: str | None = Input(
+            description="A second LoRA, the same sources", default=None, max_length=MAX_SOURCE_CHARS
+        ),
         extra_lora_strength: float = Input(
             description="How strongly the second LoRA applies", ge=MIN_STRENGTH, le=MAX_STRENGTH, default=1.0
         ),
@@ -89,22 +95,27 @@ class Predictor(BaseRunner):
             choices=list(MULTI_IMAGE_MODES),
             default="offset",
         ),
+        hf_api_token: Secret | None = Input(
+            description="Your Hugging Face token, for a LoRA in a gated or private repo; sent to huggingface.co only",
+            default=None,
+        ),
+        civitai_api_token: Secret | None = Input(
+            description="Your CivitAI API token, for a CivitAI LoRA that needs one; sent to civitai.com only",
+            default=None,
+        ),
     ) -> Path:
         image_file = accepted_file(input_image)
         reference_files = [accepted_file(r, f"reference_images[{i}]") for i, r in enumerate(reference_images or [])]
-        loras = [
-            LoraRequest(source, strength, name)
-            for source, strength, name in (
-                (lora_weights, lora_strength, "lora_weights"),
-                (extra_lora_weights, extra_lora_strength, "extra_lora_weights"),
-            )
-            if source and source.strip()
-        ]
+        loras = lora_requests(
+            (lora_weights, lora_strength, "lora_weights"),
+            (extra_lora_weights, extra_lora_strength, "extra_lora_weights"),
+        )
+        tokens = LoraTokens.for_request(_secret(hf_api_token), _secret(civitai_api_token))
         try:
             result = run_edit(
                 self.model, image_file, prompt, aspect_ratio=aspect_ratio, num_steps=num_inference_steps,
                 guidance=guidance, seed=seed, acceleration=acceleration, check_safety=not disable_safety_checker,
-                loras=loras, references=reference_files, multi_image_mode=multi_image_mode,
+                loras=loras, references=reference_files, multi_image_mode=multi_image_mode, lora_tokens=tokens,
             )  # fmt: skip
         finally:
             release_memory(self.model.components.device)
@@ -123,6 +134,11 @@ class Predictor(BaseRunner):
     # The documented entry point. A partialmethod is not itself callable, so cog's inspector
     # sees run() as the one handler and starts without the predict() deprecation warning.
     predict = functools.partialmethod(run)
+
+
+def _secret(value: Secret | str | None) -> str | None:
+    text = value.get_secret_value() if isinstance(value, Secret) else value
+    return text.strip() or None if isinstance(text, str) else None
 
 
 def accepted_file(value: object, name: str = "input_image") -> pathlib.Path:

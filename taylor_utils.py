@@ -2,7 +2,7 @@
 
 On computed steps the cache records the prediction and refreshes its finite-difference
 derivatives; on skipped steps it forecasts the prediction with a truncated Taylor series
-(see ``shared/taylorseer.md``):
+(see ``docs/method.md``):
 
     Y(s + k) ~= sum_{i=0..n} Y^(i)(s) * k^i / i!
 

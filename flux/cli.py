@@ -73,13 +73,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _loras(args: argparse.Namespace) -> list:
-    from flux.lora import LoraRequest
+    from flux.lora_sources import lora_requests
 
-    given = [
+    return lora_requests(
         (args.lora, args.lora_strength, "lora_weights"),
         (args.extra_lora, args.extra_lora_strength, "extra_lora_weights"),
-    ]
-    return [LoraRequest(source, strength, name) for source, strength, name in given if source]
+    )
 
 
 def _seed(text: str) -> int:

@@ -20,6 +20,16 @@ _VALIDATION_ERROR = {"$ref": "#/components/schemas/HTTPValidationError"}
 _ANY = {"application/json": {"schema": {}}}
 
 
+def _max_items() -> dict[str, int]:
+    from flux import sizes
+
+    return {"reference_images": sizes.MAX_REFERENCES}
+
+
+# cog's Input() takes max_length for strings only, so a list input's bound is declared here
+MAX_ITEMS = _max_items()
+
+
 def _title(name: str) -> str:
     return " ".join(part.capitalize() for part in name.split("_"))
 
@@ -64,6 +74,8 @@ def input_schema(info: Any) -> tuple[dict, dict]:
             prop["minimum"] = _number(field.ge, integer)
         if field.le is not None:
             prop["maximum"] = _number(field.le, integer)
+        if name in MAX_ITEMS:
+            prop["maxItems"] = MAX_ITEMS[name]
         if field.min_length is not None:
             prop["minLength"] = field.min_length
         if field.max_length is not None:

@@ -351,9 +351,13 @@ def denoise(
     return latents
 
 
+def check_reference_count(count: int) -> None:
+    if count > sizes.MAX_REFERENCES:
+        raise InputError(f"at most {sizes.MAX_REFERENCES} reference_images are accepted; got {count}")
+
+
 def check_settings(settings: EditSettings, references: list[Image.Image] | None = None) -> None:
-    if len(references or []) > sizes.MAX_REFERENCES:
-        raise InputError(f"at most {sizes.MAX_REFERENCES} reference_images are accepted; got {len(references)}")
+    check_reference_count(len(references or []))
     if not settings.prompt:
         raise InputError(
             "prompt is empty (control characters and spaces do not count); say what to change in the image"

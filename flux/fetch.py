@@ -7,40 +7,31 @@ manifest gives no sha256 for is checked against what the Hub reports for it at t
 when a hash can be had. Each file is written to ``PATH.part``,
 resumed from where it stopped after a dropped connection, and renamed to ``PATH`` only when its
 size and sha256 match the manifest; a mismatching file is moved aside to ``.rejected/`` and never
-used. The token (``HF_TOKEN``) is sent as an Authorization header and never printed.
+used. The token (``HF_TOKEN``) is sent as an Authorization header only to the Hub over https,
+``HF_ENDPOINT`` and the mirror the operator named (never to a redirect off that origin), and is
+never printed. Every connection goes through ``flux.outbound``'s address rule.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
 import shutil
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flux import weights
+from flux.outbound import Clock, Credential, FetchError, download, get_json, limits_from_env, open_url
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
-USER_AGENT = "flux-kontext-cog-fetcher/1"
-
-
-class FetchError(RuntimeError):
-    """A file could not be fetched; the message says why and what to do. ``status``: the HTTP status, if any."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
+__all__ = ["FetchError", "FetchReport", "fetch", "pin"]
 
 
 @dataclass
@@ -56,6 +47,11 @@ def hf_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+def weights_credential(token: str | None, base_url: str | None = None) -> Credential | None:
+    """The operator's token for the weights: to the Hub (https), HF_ENDPOINT and the mirror the operator named."""
+    return Credential(token, "huggingface.co", (hf_endpoint(), base_url or "")) if token else None
+
+
 def file_url(entry: dict, manifest: dict, base_url: str | None) -> str:
     if base_url:
         return base_url.rstrip("/") + "/" + entry["path"]
@@ -64,17 +60,16 @@ def file_url(entry: dict, manifest: dict, base_url: str | None) -> str:
     return f"{hf_endpoint()}/{source['repository']}/resolve/{revision}/{urllib.parse.quote(entry['remote'])}"
 
 
-def hub_file_info(repository: str, revision: str, paths: list[str], token: str | None) -> dict[str, dict]:
+def hub_file_info(repository: str, revision: str, paths: list[str], credential: Credential | None) -> dict[str, dict]:
     """What the Hub reports for files at a revision: {path: {"size", "sha256" (LFS files) or "git_sha1"}}."""
     url = f"{hf_endpoint()}/api/models/{repository}/paths-info/{revision}"
     body = urllib.parse.urlencode([("paths", p) for p in paths] + [("expand", "true")]).encode()
-    headers = {**_headers(token), "Content-Type": "application/x-www-form-urlencoded"}
-    with urllib.request.urlopen(
-        urllib.request.Request(url, data=body, headers=headers, method="POST"), timeout=30
-    ) as r:
-        listing = json.loads(r.read())
+    listing = get_json(
+        url, limits=limits_from_env(), credential=credential, method="POST", data=body,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )  # fmt: skip
     info = {}
-    for item in listing:
+    for item in listing if isinstance(listing, list) else []:
         if item.get("type", "file") != "file":
             continue
         lfs = item.get("lfs") or {}
@@ -83,7 +78,7 @@ def hub_file_info(repository: str, revision: str, paths: list[str], token: str |
     return info
 
 
-def with_hub_hashes(manifest: dict, token: str | None) -> dict:
+def with_hub_hashes(manifest: dict, credential: Credential | None) -> dict:
     """The manifest, with the Hub's size and hash filled in for every file it has no sha256 for."""
     missing: dict[str, list[dict]] = {}
     for entry in manifest["files"]:
@@ -97,11 +92,11 @@ def with_hub_hashes(manifest: dict, token: str | None) -> dict:
         source = manifest["sources"][name]
         revision = source.get("revision") or "main"
         try:
-            info = hub_file_info(source["repository"], revision, [e["remote"] for e in entries], token)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+            info = hub_file_info(source["repository"], revision, [e["remote"] for e in entries], credential)
+        except FetchError as exc:
             log.warning(
                 "could not ask the Hub for the hashes of %d files of %s@%s (%s): they are checked by size only",
-                len(entries), source["repository"], revision, _redact(str(exc), token),
+                len(entries), source["repository"], revision, exc,
             )  # fmt: skip
             continue
         for entry in entries:
@@ -157,72 +152,11 @@ class _Progress:
             self.bar.close()
 
 
-def _headers(token: str | None) -> dict[str, str]:
-    return {"User-Agent": USER_AGENT, **({"Authorization": f"Bearer {token}"} if token else {})}
-
-
 def _set_aside(root: Path, path: Path) -> Path:
     rejected = root / ".rejected" / f"{path.relative_to(root)}.{int(time.time() * 1000)}"
     rejected.parent.mkdir(parents=True, exist_ok=True)
     os.replace(path, rejected)
     return rejected
-
-
-def stream(
-    url: str,
-    partial: Path,
-    headers: dict[str, str],
-    expected: int | None = None,
-    limit: int | None = None,
-    retries: int = 5,
-    backoff: float = 0.5,
-    timeout: float = 60.0,
-    on_bytes: Callable[[int], None] = lambda n: None,
-    name: str = "file",
-) -> int:
-    """Download ``url`` into ``partial``, resuming after a dropped connection with an HTTP Range
-    request; returns the bytes transferred. HTTP errors other than 5xx are raised at once as
-    FetchError with their ``status``; ``limit`` stops a body larger than it."""
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    transferred = 0
-    attempt = 0
-    while True:
-        start = partial.stat().st_size if partial.exists() else 0
-        if expected is not None and start >= expected:
-            break  # complete (or too long: the caller's checks set it aside)
-        try:
-            request_headers = {**headers, **({"Range": f"bytes={start}-"} if start else {})}
-            with urllib.request.urlopen(urllib.request.Request(url, headers=request_headers), timeout=timeout) as r:
-                if start and r.status != 206:
-                    start = 0  # the server ignored the Range: start over
-                length = r.headers.get("Content-Length")
-                if expected is None and length:  # a body cut short is then resumed, not taken as whole
-                    expected = start + int(length)
-                if limit is not None and length and start + int(length) > limit:
-                    raise FetchError(f"{name} is {start + int(length)} bytes, over the limit of {limit}", status=413)
-                with open(partial, "ab" if start else "wb") as out:
-                    while block := r.read(CHUNK):
-                        out.write(block)
-                        transferred += len(block)
-                        on_bytes(len(block))
-                        if limit is not None and start + transferred > limit:
-                            raise FetchError(f"{name} is over the limit of {limit} bytes", status=413)
-            if expected is None or partial.stat().st_size >= expected:
-                break
-            raise ConnectionError("connection closed before the end of the file")
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416:  # nothing left to send from this offset: the caller checks what we have
-                break
-            if exc.code < 500 or attempt >= retries:
-                raise FetchError(f"{name}: HTTP {exc.code}", status=exc.code) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, http.client.HTTPException) as exc:
-            if attempt >= retries:
-                raise FetchError(
-                    f"{name}: connection failed after {retries} retries ({exc}); try again to resume"
-                ) from None
-        attempt += 1
-        time.sleep(backoff * 2 ** (attempt - 1))
-    return transferred
 
 
 def fetch_file(
@@ -232,7 +166,7 @@ def fetch_file(
     base_url: str | None = None,
     token: str | None = None,
     on_bytes: Callable[[int], None] = lambda n: None,
-    **stream_options,
+    **download_options,
 ) -> int:
     """Download one manifest entry into ``root``; returns the bytes transferred."""
     target = root / entry["path"]
@@ -240,9 +174,10 @@ def fetch_file(
     url = file_url(entry, manifest, base_url)
     expected = entry.get("size")
     try:
-        transferred = stream(
-            url, partial, _headers(token), expected=expected, on_bytes=on_bytes, name=entry["path"], **stream_options
-        )
+        transferred = download(
+            url, partial, limits=limits_from_env(deadline=False), credential=weights_credential(token, base_url),
+            expected=expected, on_bytes=on_bytes, **download_options,
+        )  # fmt: skip
     except FetchError as exc:
         if exc.status in (401, 403):
             raise FetchError(f"{entry['path']}: HTTP {exc.status}, {_licence_hint(manifest, entry)}") from None
@@ -250,7 +185,7 @@ def fetch_file(
             raise FetchError(f"{entry['path']}: not found (HTTP 404) at {_redact(url, token)}") from None
         if exc.status is not None:
             raise FetchError(f"{entry['path']}: HTTP {exc.status} from {_redact(url, token)}") from None
-        raise FetchError(_redact(str(exc), token)) from None
+        raise FetchError(f"{entry['path']}: {_redact(str(exc), token)}; try again to resume") from None
 
     size = partial.stat().st_size
     if expected is not None and size != expected:
@@ -273,12 +208,13 @@ def fetch_file(
 
 
 def _remote_size(entry: dict, manifest: dict, base_url: str | None, token: str | None) -> int | None:
-    request = urllib.request.Request(file_url(entry, manifest, base_url), headers=_headers(token), method="HEAD")
+    clock = Clock(limits_from_env())
+    credential = weights_credential(token, base_url)
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            length = response.headers.get("Content-Length")
-            return int(length) if length else None
-    except (urllib.error.URLError, OSError, ValueError):
+        with open_url(file_url(entry, manifest, base_url), clock=clock, credential=credential, method="HEAD") as r:
+            length = r.headers.get("Content-Length")
+            return int(length) if r.status_code < 400 and length and length.isdigit() else None
+    except FetchError:
         return None
 
 
@@ -299,7 +235,7 @@ def fetch(
     root.mkdir(parents=True, exist_ok=True)
     token = token if token is not None else os.environ.get("HF_TOKEN") or None
     given = manifest
-    manifest = with_hub_hashes(manifest, token)
+    manifest = with_hub_hashes(manifest, weights_credential(token, base_url))
     report = FetchReport()
     todo = []
     for entry in manifest["files"]:

@@ -20,7 +20,6 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
 # Pixel count above which an input is refused before its pixels are decoded
 # (a 30000x30000 PNG of a few KB would otherwise take gigabytes).
 MAX_INPUT_PIXELS = 64_000_000
-MIN_INPUT_SIDE = 1
 # Transparent pixels are composited on this background.
 BACKGROUND = (255, 255, 255)
 OUTPUT_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
@@ -70,9 +69,7 @@ def _too_large(what: str) -> str:
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB; transparency composited on a white background, 16-bit scaled down."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        image = Image.fromarray(_to_8_bit(np.asarray(image), image.mode.startswith("I;16")), "L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -82,6 +79,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode != "RGB":
         return image.convert("RGB")
     return image
+
+
+def _to_8_bit(array: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    """round(value / peak * 255) in integers, a band of rows at a time: a 64-megapixel input needs
+    a few MB beside its pixels, not the gigabytes of a float64 copy."""
+    peak = 65535 if sixteen_bit or array.max() > 255 else 255
+    out = np.empty(array.shape, dtype=np.uint8)
+    rows = max(1, (1 << 18) // max(1, array.shape[1]))
+    for top in range(0, array.shape[0], rows):
+        band = np.clip(array[top : top + rows].astype(np.int64), 0, peak)
+        out[top : top + rows] = (band * 255 + peak // 2) // peak
+    return out
 
 
 def resize(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -1,5 +1,5 @@
-"""LoRA per request: where a LoRA file comes from, the disk cache, diffusers' conversion, and
-merging into the transformer's weights with exact copies of the originals.
+"""How a LoRA is applied: diffusers' conversion, and merging into the transformer's weights with
+exact copies of the originals (where a LoRA comes from is ``flux.lora_sources``).
 
 Why merging: the weights change in place, so the compiled transformer sees new values through the
 same graph (no recompile, whatever the LoRA's rank or strength), an edit with a LoRA costs what an
@@ -12,30 +12,13 @@ delta): setup() gives every linear layer a zeroed low-rank side branch in the co
 request's LoRAs are copied into the branches' buffers: no recompile, and no LoRA is exact zeros,
 so the base output comes back bit for bit. LoRAs whose ranks add up past the branch's rank are
 reduced to their best approximation of that rank (truncated SVD of the summed delta, logged).
-
-Sources (``lora_weights``): a Hugging Face repo ``owner/name`` (its one .safetensors file) or
-``owner/name/file.safetensors``, a huggingface.co URL, any http(s) URL of a .safetensors file, a
-Replicate weights .tar holding one .safetensors, a CivitAI model or download URL. Only safetensors
-are read: pickle files are refused before anything is downloaded.
-
-Settings (environment): FLUX_LORA_CACHE (default .cache/loras), FLUX_LORA_CACHE_BYTES (10 GiB; least
-recently used files are evicted beyond it), FLUX_LORA_MAX_BYTES (2 GiB per download),
-HF_ENDPOINT, CIVITAI_ENDPOINT, HF_TOKEN, CIVITAI_API_TOKEN (sent only to their own hosts, never
-logged).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import re
-import tarfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,245 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from flux.errors import EditError, InputError
-from flux.fetch import USER_AGENT, FetchError, hf_endpoint, stream
 
 log = logging.getLogger(__name__)
 
-MIN_STRENGTH, MAX_STRENGTH = -1.0, 3.0
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
-_REPO_FILE = re.compile(r"^([\w.-]+/[\w.-]+)/(.+\.safetensors)$")
 LOADED_IN_MEMORY = 4  # converted LoRAs kept in memory for the next request
-
-
-@dataclass(frozen=True)
-class LoraRequest:
-    """One LoRA of a request: where it comes from and how strongly it applies."""
-
-    source: str
-    strength: float = 1.0
-    field: str = "lora_weights"
-
-
-# --- where a LoRA comes from -------------------------------------------------------------------
-
-
-def describe(source: str) -> str:
-    """The source as it may be logged and reported: a URL without its query (which can carry a token)."""
-    parsed = urllib.parse.urlparse(source.strip())
-    return parsed._replace(query="", fragment="").geturl() if parsed.scheme else source.strip()
-
-
-def _host(url: str) -> str:
-    return (urllib.parse.urlparse(url).hostname or "").lower()
-
-
-def _token_for(url: str) -> str | None:
-    host = _host(url)
-    if host == _host(hf_endpoint()) or host.endswith("huggingface.co"):
-        return os.environ.get("HF_TOKEN") or None
-    if host.endswith("civitai.com") or host == _host(civitai_endpoint()):
-        return os.environ.get("CIVITAI_API_TOKEN") or None
-    return None
-
-
-def civitai_endpoint() -> str:
-    """CivitAI's address (CIVITAI_ENDPOINT: a mirror, or the tests' local server)."""
-    return os.environ.get("CIVITAI_ENDPOINT", "https://civitai.com").rstrip("/")
-
-
-def _headers(url: str) -> dict[str, str]:
-    token = _token_for(url)
-    return {"User-Agent": USER_AGENT, **({"Authorization": f"Bearer {token}"} if token else {})}
-
-
-def _refuse_pickle(name: str, where: str) -> None:
-    if name.lower().split("?")[0].endswith(PICKLE_SUFFIXES):
-        raise InputError(
-            f"{where}: {name!r} is a pickle file (.bin/.pt/.ckpt), which can run code when opened; "
-            "only .safetensors LoRAs are accepted"
-        )
-
-
-def resolve(source: str, field_name: str = "lora_weights") -> tuple[str, str]:
-    """(url, kind) for a source; kind is "file" (a .safetensors) or "tar" (a Replicate weights tar).
-    Asks the Hub's API for a repo's one .safetensors file, CivitAI's for a model page's file."""
-    text = source.strip()
-    _refuse_pickle(text, field_name)
-    if match := _REPO_FILE.match(text):
-        return f"{hf_endpoint()}/{match[1]}/resolve/main/{match[2]}", "file"
-    if _REPO.match(text):
-        return _hub_repo_file(text, "main", field_name), "file"
-    parsed = urllib.parse.urlparse(text)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise InputError(
-            f"{field_name} must be a Hugging Face repo (owner/name or owner/name/file.safetensors) or an "
-            f"http(s) URL of a .safetensors file, a Replicate .tar or a CivitAI model; got {source!r}"
-        )
-    parts = [p for p in parsed.path.split("/") if p]
-    host = parsed.hostname.lower()
-    if host == _host(hf_endpoint()) or host.endswith("huggingface.co"):
-        if len(parts) == 2:
-            return _hub_repo_file("/".join(parts), "main", field_name), "file"
-        if len(parts) >= 5 and parts[2] in ("resolve", "blob"):
-            return f"{hf_endpoint()}/{parts[0]}/{parts[1]}/resolve/{parts[3]}/{'/'.join(parts[4:])}", "file"
-    if host.endswith("civitai.com") and len(parts) >= 2 and parts[0] == "models" and parts[1].isdigit():
-        version = urllib.parse.parse_qs(parsed.query).get("modelVersionId", [None])[0]
-        return _civitai_model_file(parts[1], version, field_name), "file"
-    if parsed.path.lower().endswith(".tar"):
-        return text, "tar"
-    return text, "file"
-
-
-def _get_json(url: str, field_name: str) -> dict:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=_headers(url)), timeout=30) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raise InputError(_http_message(field_name, exc.code, url)) from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise InputError(f"{field_name}: could not ask {_host(url)} about the LoRA ({exc}); try again") from None
-
-
-def _hub_repo_file(repo: str, revision: str, field_name: str) -> str:
-    info = _get_json(f"{hf_endpoint()}/api/models/{repo}/revision/{revision}", field_name)
-    files = [s["rfilename"] for s in info.get("siblings", []) if s.get("rfilename", "").endswith(".safetensors")]
-    if len(files) != 1:
-        found = ", ".join(files[:5]) or "none"
-        raise InputError(
-            f"{field_name}: {repo} has {len(files)} .safetensors files ({found}); name one as {repo}/FILE.safetensors"
-        )
-    return f"{hf_endpoint()}/{repo}/resolve/{revision}/{files[0]}"
-
-
-def _civitai_model_file(model_id: str, version_id: str | None, field_name: str) -> str:
-    """The download URL of a CivitAI model page's SafeTensor file: of the version the page's
-    ``modelVersionId`` names, else of the newest version (CivitAI lists it first); its primary file first."""
-    info = _get_json(f"{civitai_endpoint()}/api/v1/models/{model_id}", field_name)
-    versions = info.get("modelVersions", [])
-    if version_id is not None:
-        versions = [v for v in versions if str(v.get("id")) == version_id]
-        if not versions:
-            raise InputError(f"{field_name}: CivitAI model {model_id} has no version {version_id}")
-    for version in versions[:1]:
-        files = sorted(version.get("files", []), key=lambda f: not f.get("primary"))
-        for file in files:
-            if file.get("metadata", {}).get("format") == "SafeTensor" and file.get("downloadUrl"):
-                return file["downloadUrl"]
-    raise InputError(f"{field_name}: CivitAI model {model_id} has no SafeTensor file; only safetensors are accepted")
-
-
-def _http_message(field_name: str, status: int, url: str) -> str:
-    if status in (401, 403):
-        return (
-            f"{field_name}: access denied (HTTP {status}) by {_host(url)}; for a gated or private Hugging Face "
-            "repo set HF_TOKEN, for CivitAI set CIVITAI_API_TOKEN"
-        )
-    if status == 404:
-        return f"{field_name}: not found (HTTP 404) at {_host(url)}; check the repo, file or URL"
-    if status == 413:
-        return f"{field_name}: the LoRA is larger than the limit of {max_download_bytes()} bytes (FLUX_LORA_MAX_BYTES)"
-    return f"{field_name}: HTTP {status} from {_host(url)}; try again later"
-
-
-# --- the disk cache ----------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FLUX_LORA_CACHE", ".cache/loras"))
-
-
-def cache_limit_bytes() -> int:
-    return int(os.environ.get("FLUX_LORA_CACHE_BYTES", 10 * 2**30))
-
-
-def max_download_bytes() -> int:
-    return int(os.environ.get("FLUX_LORA_MAX_BYTES", 2 * 2**30))
-
-
-def cached_path(source: str) -> Path:
-    return cache_dir() / (hashlib.sha256(source.strip().encode()).hexdigest()[:40] + ".safetensors")
-
-
-def fetch_lora(source: str, field_name: str = "lora_weights") -> tuple[Path, bool]:
-    """The LoRA's verified .safetensors in the disk cache, downloading it on first use: (path, downloaded)."""
-    target = cached_path(source)
-    if target.is_file():
-        os.utime(target)  # most recently used
-        return target, False
-    url, kind = resolve(source, field_name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.part")
-    try:
-        try:
-            stream(url, partial, _headers(url), limit=max_download_bytes(), retries=2, timeout=60, name=field_name)
-        except FetchError as exc:
-            if exc.status is not None:
-                raise InputError(_http_message(field_name, exc.status, url)) from None
-            raise InputError(f"{field_name}: the download failed ({exc}); try again") from None
-        if kind == "tar":
-            _extract_one_safetensors(partial, field_name)
-        _check_safetensors(partial, field_name)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-    evict(keep=target)
-    return target, True
-
-
-def _extract_one_safetensors(tar_path: Path, field_name: str) -> None:
-    """Replace ``tar_path`` by the one .safetensors file inside it; refuse links, paths outside the
-    archive's folder, and archives with no or several candidates."""
-    try:
-        with tarfile.open(tar_path) as archive:
-            members = archive.getmembers()
-            for member in members:
-                name = member.name
-                if member.issym() or member.islnk():
-                    raise InputError(f"{field_name}: the archive holds a link ({name}); links are refused")
-                if name.startswith("/") or ".." in Path(name).parts:
-                    raise InputError(f"{field_name}: the archive entry {name!r} would land outside its folder")
-            candidates = [m for m in members if m.isfile() and m.name.endswith(".safetensors")]
-            if len(candidates) != 1:
-                found = ", ".join(m.name for m in candidates[:5]) or "none"
-                raise InputError(
-                    f"{field_name}: the archive must hold exactly one .safetensors LoRA; found {len(candidates)} ({found})"
-                )
-            if candidates[0].size > max_download_bytes():
-                raise InputError(_http_message(field_name, 413, ""))
-            data = archive.extractfile(candidates[0]).read()
-    except tarfile.TarError as exc:
-        raise InputError(f"{field_name}: not a readable .tar archive ({exc})") from None
-    tar_path.write_bytes(data)
-
-
-def _check_safetensors(path: Path, field_name: str) -> None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if not list(f.keys()):
-                raise InputError(f"{field_name}: the LoRA file holds no tensors")
-    except InputError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for a corrupt header
-        raise InputError(f"{field_name}: not a valid .safetensors file ({exc})") from None
-
-
-def evict(keep: Path | None = None) -> list[Path]:
-    """Delete least recently used LoRAs until the cache fits its limit; returns what was deleted."""
-    files = sorted(cache_dir().glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
-    total = sum(p.stat().st_size for p in files)
-    removed = []
-    for path in files:
-        if total <= cache_limit_bytes():
-            break
-        if path == keep:
-            continue
-        total -= path.stat().st_size
-        path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
 
 
 # --- diffusers' conversion, and the merge ------------------------------------------------------
@@ -304,6 +52,9 @@ def convert(path: Path, source: str, transformer: torch.nn.Module, field_name: s
     from safetensors.torch import load_file
 
     raw = load_file(str(path))
+    broken = next((key for key, tensor in raw.items() if not torch.isfinite(tensor).all()), None)
+    if broken is not None:
+        raise InputError(f"{field_name}: the LoRA holds NaN or infinite values (in {broken}); it is refused")
     try:
         state, alphas, metadata = FluxKontextPipeline.lora_state_dict(
             raw, return_alphas=True, return_lora_metadata=True
@@ -433,22 +184,19 @@ class LoraState:
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     branched: set[str] = field(default_factory=set)
     applied: tuple[tuple[str, float], ...] = ()
-    loaded: OrderedDict[str, LoadedLora] = field(default_factory=OrderedDict)
+    loaded: OrderedDict[Path, LoadedLora] = field(default_factory=OrderedDict)
 
-    def load(self, request: LoraRequest) -> tuple[LoadedLora, dict[str, float | bool]]:
-        """The converted LoRA (from memory, the disk cache, or downloaded), with what it cost."""
-        if request.source in self.loaded:
-            self.loaded.move_to_end(request.source)
-            return self.loaded[request.source], {"fetch_seconds": 0.0, "load_seconds": 0.0, "downloaded": False}
+    def converted(self, path: Path, source: str, field_name: str = "lora_weights") -> tuple[LoadedLora, float]:
+        """The LoRA file converted for this transformer (kept in memory for the next requests), with
+        the seconds it took (0 when it was in memory)."""
+        if path in self.loaded:
+            self.loaded.move_to_end(path)
+            return self.loaded[path], 0.0
         start = time.perf_counter()
-        path, downloaded = fetch_lora(request.source, request.field)
-        fetched = time.perf_counter() - start
-        lora = convert(path, request.source, self.transformer, request.field)
-        self.loaded[request.source] = lora
+        self.loaded[path] = convert(path, source, self.transformer, field_name)
         while len(self.loaded) > LOADED_IN_MEMORY:
             self.loaded.popitem(last=False)
-        return lora, {"fetch_seconds": fetched, "load_seconds": time.perf_counter() - start - fetched,
-                      "downloaded": downloaded}  # fmt: skip
+        return self.loaded[path], time.perf_counter() - start
 
     def apply(self, wanted: list[tuple[LoadedLora, float]]) -> float:
         """Make the transformer compute base + sum(strength * up @ down) (merged into the weights, or

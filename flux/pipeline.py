@@ -13,15 +13,28 @@ from pathlib import Path
 from PIL import Image
 
 from flux import images, sizes, weights
-from flux.edit import MAX_SEED, EditResult, EditSettings, StepCallback, base_side, check_settings, edit
+from flux.edit import (
+    MAX_SEED,
+    EditResult,
+    EditSettings,
+    StepCallback,
+    base_side,
+    check_reference_count,
+    check_settings,
+    edit,
+)
 from flux.errors import EditError, InputError
 from flux.fast import optimize
 from flux.fetch import FetchReport, fetch
 from flux.loading import Components, load_components
-from flux.lora import MAX_STRENGTH, MIN_STRENGTH, LoraRequest, LoraState, describe
+from flux.lora import LoraState
+from flux.lora_sources import MAX_STRENGTH, MIN_STRENGTH, NO_TOKENS, LoraRequest, LoraTokens, describe, fetch_lora
 from flux.safety import SafetyChecker, is_flagged, load_safety_checker
 
 log = logging.getLogger(__name__)
+
+# T5 reads at most 512 tokens; a prompt this long is far past that already
+MAX_PROMPT_CHARS = 10_000
 
 
 @dataclass
@@ -46,7 +59,7 @@ def fetch_missing_weights(weights_dir: str | Path) -> FetchReport | None:
     base_url = os.environ.get("WEIGHTS_BASE_URL") or None
     if base_url is None and not os.environ.get("HF_TOKEN"):
         return None
-    manifest = weights.load_manifest(os.environ.get("WEIGHTS_MANIFEST") or weights.MANIFEST_PATH)
+    manifest = weights.manifest_for(weights_dir)
     where = base_url or "the Hugging Face Hub"
     log.info("weights in %s are incomplete: fetching them from %s", weights_dir, where)
     report = fetch(weights_dir, manifest, base_url=base_url)
@@ -90,7 +103,9 @@ def warm_up(model: Model, output_sizes: list[tuple[int, int]]) -> float:
     return model.seconds["warm_up"]
 
 
-def use_loras(model: Model, loras: list[LoraRequest]) -> tuple[list[dict], dict[str, float]]:
+def use_loras(
+    model: Model, loras: list[LoraRequest], tokens: LoraTokens = NO_TOKENS
+) -> tuple[list[dict], dict[str, float]]:
     """Merge the request's LoRAs into the transformer (or restore the base weights when it has none);
     returns what was used and the seconds spent fetching, loading and merging."""
     for request in loras:
@@ -100,11 +115,13 @@ def use_loras(model: Model, loras: list[LoraRequest]) -> tuple[list[dict], dict[
     used, seconds = [], {"lora_fetch": 0.0, "lora_load": 0.0}
     wanted = []
     for request in loras:
-        lora, cost = model.loras.load(request)
-        seconds["lora_fetch"] += cost["fetch_seconds"]
-        seconds["lora_load"] += cost["load_seconds"]
+        start = time.perf_counter()
+        path, downloaded = fetch_lora(request.source, request.field, tokens)
+        seconds["lora_fetch"] += time.perf_counter() - start
+        lora, load_seconds = model.loras.converted(path, request.source, request.field)
+        seconds["lora_load"] += load_seconds
         wanted.append((lora, request.strength))
-        used.append({"source": describe(request.source), "strength": request.strength, "downloaded": cost["downloaded"],
+        used.append({"source": describe(request.source), "strength": request.strength, "downloaded": downloaded,
                      "layers": len(lora.layers)})  # fmt: skip
         log.info(
             "%s %s at strength %g (%d layers)",
@@ -115,6 +132,13 @@ def use_loras(model: Model, loras: list[LoraRequest]) -> tuple[list[dict], dict[
         )
     seconds["lora_merge"] = model.loras.apply(wanted)
     return used, (seconds if loras or seconds["lora_merge"] else {})
+
+
+def check_request(prompt: str, references: list) -> None:
+    """The checks that cost nothing, made before any input is decoded."""
+    check_reference_count(len(references))
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError(f"prompt is longer than {MAX_PROMPT_CHARS} characters; got {len(prompt)}")
 
 
 def new_seed() -> int:
@@ -135,9 +159,11 @@ def run_edit(
     loras: list[LoraRequest] | None = None,
     references: list[str | Path | bytes] | None = None,
     multi_image_mode: str = "offset",
+    lora_tokens: LoraTokens = NO_TOKENS,
 ) -> EditResult:
     """One edit from an image file (or its bytes); a seed of None draws a random one, 0 is a seed.
     Seeds run from 0 to MAX_SEED; each gives its own noise. ``references``: up to 3 more images."""
+    check_request(prompt, references or [])  # before any image is decoded
     image = images.load_image(image_source)
     reference_images = [images.load_image(r, f"reference_images[{i}]") for i, r in enumerate(references or [])]
     width, height = sizes.output_size(aspect_ratio, *image.size, base_side(model.components))
@@ -147,7 +173,7 @@ def run_edit(
         acceleration=acceleration, multi_image_mode=multi_image_mode,
     )  # fmt: skip
     check_settings(settings, reference_images)  # before any LoRA is fetched
-    lora_report, lora_seconds = use_loras(model, loras or [])
+    lora_report, lora_seconds = use_loras(model, loras or [], lora_tokens)
     log.info("seed %d, %dx%d output, acceleration %r, %d steps", seed, width, height, acceleration, num_steps)
     result = edit(model.components, image, settings, on_step=on_step, references=reference_images)
     result.report.loras = lora_report

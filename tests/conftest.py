@@ -12,6 +12,13 @@ from flux.lab.tiny import make_tiny_weights
 from flux.loading import load_components
 
 
+@pytest.fixture(autouse=True)
+def allow_loopback_servers(monkeypatch):
+    """The tests' HTTP servers listen on 127.0.0.1, which the outbound address rule refuses by
+    default: every test allows it explicitly here; the tests of the rule itself take it away."""
+    monkeypatch.setenv("FLUX_FETCH_ALLOW", "127.0.0.1")
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     return make_tiny_weights(tmp_path_factory.mktemp("tiny") / "weights")

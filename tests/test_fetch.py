@@ -119,3 +119,16 @@ def test_setup_lists_wrong_sizes(tiny_weights, tmp_path):
         f.write(b"junk")
     with pytest.raises(FileNotFoundError, match=f"wrong size: {BIG}"):
         load_model(out)
+
+
+def test_the_token_never_follows_a_redirect_off_the_mirror(tiny_weights, manifest, tmp_path):
+    """The mirror answers every file with a 302 to another server (a CDN): that server serves the
+    files and never sees the token."""
+    secret = "hf_mirrorsecret123"
+    with serve_tree(tiny_weights) as (cdn, cdn_log):
+        redirects = {e["path"]: f"{cdn}/{e['path']}" for e in manifest["files"]}
+        with serve_tree(tiny_weights, Faults(redirects=redirects)) as (mirror, mirror_log):
+            fetch(tmp_path / "w", manifest, base_url=mirror, token=secret, progress=False)
+    assert weights.problems(tmp_path / "w") == []
+    assert {r["authorization"] for r in mirror_log.requests} == {f"Bearer {secret}"}
+    assert {r["authorization"] for r in cdn_log.requests} == {None}

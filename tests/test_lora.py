@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from flux import lora
+from flux import lora, lora_sources
 from flux.edit import EditSettings, LabOverrides, edit
 from flux.errors import InputError
 from flux.fast import FastSettings, compile_transformer
@@ -51,18 +51,18 @@ def _tar(path: Path, members: dict[str, bytes], links: dict[str, str] | None = N
 
 def test_sources_resolve_to_files(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "https://huggingface.co")
-    assert lora.resolve("me/style/lora.safetensors") == (
+    assert lora_sources.resolve("me/style/lora.safetensors") == (
         "https://huggingface.co/me/style/resolve/main/lora.safetensors", "file"
     )  # fmt: skip
-    assert lora.resolve("https://huggingface.co/me/style/blob/v2/sub/x.safetensors") == (
+    assert lora_sources.resolve("https://huggingface.co/me/style/blob/v2/sub/x.safetensors") == (
         "https://huggingface.co/me/style/resolve/v2/sub/x.safetensors", "file"
     )  # fmt: skip
-    assert lora.resolve("https://replicate.delivery/abc/trained_model.tar") == (
+    assert lora_sources.resolve("https://replicate.delivery/abc/trained_model.tar") == (
         "https://replicate.delivery/abc/trained_model.tar", "tar"
     )  # fmt: skip
     civitai = "https://civitai.com/api/download/models/12345?type=Model&format=SafeTensor"
-    assert lora.resolve(civitai) == (civitai, "file")
-    assert lora.describe("https://x.org/a.safetensors?token=secret") == "https://x.org/a.safetensors"
+    assert lora_sources.resolve(civitai) == (civitai, "file")
+    assert lora_sources.describe("https://x.org/a.safetensors?token=secret") == "https://x.org/a.safetensors"
 
 
 @pytest.mark.parametrize(
@@ -77,7 +77,7 @@ def test_sources_resolve_to_files(monkeypatch):
 )
 def test_refused_sources_fail_before_any_download(source, message):
     with pytest.raises(InputError, match=message):
-        lora.resolve(source)
+        lora_sources.resolve(source)
 
 
 def test_hub_repo_and_cache(lora_env, transformer, monkeypatch):
@@ -89,19 +89,18 @@ def test_hub_repo_and_cache(lora_env, transformer, monkeypatch):
     (api / "main").write_text(json.dumps({"siblings": [{"rfilename": "README.md"}, {"rfilename": "lora.safetensors"}]}))
     with serve_tree(root, Faults(token="hf_secret")) as (url, log):
         monkeypatch.setenv("HF_ENDPOINT", url)
-        monkeypatch.setenv("HF_TOKEN", "hf_secret")
-        path, downloaded = lora.fetch_lora("me/style")
+        tokens = lora_sources.LoraTokens(hf="hf_secret")
+        path, downloaded = lora_sources.fetch_lora("me/style", tokens=tokens)
         assert downloaded and path.is_file()
-        again, downloaded_again = lora.fetch_lora("me/style")
+        again, downloaded_again = lora_sources.fetch_lora("me/style", tokens=tokens)
         assert again == path and not downloaded_again
         assert [r["path"] for r in log.requests] == [
             "api/models/me/style/revision/main",
             "me/style/resolve/main/lora.safetensors",
         ]
         assert all(r["authorization"] == "Bearer hf_secret" for r in log.requests)
-        monkeypatch.setenv("HF_TOKEN", "wrong")
-        with pytest.raises(InputError, match=r"access denied \(HTTP 401\).*set HF_TOKEN") as caught:
-            lora.fetch_lora("me/other")
+        with pytest.raises(InputError, match=r"access denied \(HTTP 401\).*hf_api_token") as caught:
+            lora_sources.fetch_lora("me/other", tokens=lora_sources.LoraTokens(hf="wrong"))
         assert "wrong" not in str(caught.value)
 
 
@@ -127,22 +126,22 @@ def test_civitai_model_pages(lora_env, transformer, monkeypatch):
         ]}))  # fmt: skip
         (api / "78").write_text(json.dumps({"modelVersions": [version(303, [file("only.ckpt", "PickleTensor")])]}))
         monkeypatch.setenv("CIVITAI_ENDPOINT", url)
-        monkeypatch.setenv("CIVITAI_API_TOKEN", "civ_secret")
-        assert lora.resolve("https://civitai.com/models/77/some-style") == (f"{url}/files/v2.safetensors", "file")
-        assert lora.resolve("https://civitai.com/models/77?modelVersionId=101") == (f"{url}/files/v1.safetensors",
+        tokens = lora_sources.LoraTokens(civitai="civ_secret")
+        page = "https://civitai.com/models/77"
+        assert lora_sources.resolve(f"{page}/some-style", tokens=tokens) == (f"{url}/files/v2.safetensors", "file")
+        assert lora_sources.resolve(f"{page}?modelVersionId=101", tokens=tokens) == (f"{url}/files/v1.safetensors",
                                                                                     "file")  # fmt: skip
-        path, downloaded = lora.fetch_lora("https://civitai.com/models/77")
+        path, downloaded = lora_sources.fetch_lora(page, tokens=tokens)
         assert downloaded and lora.convert(path, "civitai", transformer).layers
         assert all(r["authorization"] == "Bearer civ_secret" for r in log.requests)
         with pytest.raises(InputError, match="has no SafeTensor file"):
-            lora.resolve("https://civitai.com/models/78")
+            lora_sources.resolve("https://civitai.com/models/78", tokens=tokens)
         with pytest.raises(InputError, match="has no version 999"):
-            lora.resolve("https://civitai.com/models/77?modelVersionId=999")
+            lora_sources.resolve(f"{page}?modelVersionId=999", tokens=tokens)
         with pytest.raises(InputError, match=r"not found \(HTTP 404\)"):
-            lora.resolve("https://civitai.com/models/79")
-        monkeypatch.setenv("CIVITAI_API_TOKEN", "wrong")
-        with pytest.raises(InputError, match=r"access denied \(HTTP 401\).*CIVITAI_API_TOKEN"):
-            lora.resolve("https://civitai.com/models/77")
+            lora_sources.resolve("https://civitai.com/models/79", tokens=tokens)
+        with pytest.raises(InputError, match=r"access denied \(HTTP 401\).*civitai_api_token"):
+            lora_sources.resolve(page, tokens=lora_sources.LoraTokens(civitai="wrong"))
 
 
 def test_tar_archives(lora_env, transformer):
@@ -157,7 +156,7 @@ def test_tar_archives(lora_env, transformer):
     _tar(root / "link.tar", {"lora.safetensors": data}, links={"other.safetensors": "/etc/passwd"})
     del good
     with serve_tree(root) as (url, _):
-        path, _ = lora.fetch_lora(f"{url}/ok.tar")
+        path, _ = lora_sources.fetch_lora(f"{url}/ok.tar")
         assert path.read_bytes() == data
         for name, message in [
             ("two.tar", "exactly one .safetensors"),
@@ -165,8 +164,8 @@ def test_tar_archives(lora_env, transformer):
             ("link.tar", "link"),
         ]:
             with pytest.raises(InputError, match=message):
-                lora.fetch_lora(f"{url}/{name}")
-    assert not list((lora_env / "cache").glob("*.part")) and not (lora_env / "evil.safetensors").exists()
+                lora_sources.fetch_lora(f"{url}/{name}")
+    assert not list((lora_env / "cache").glob("*.part*")) and not (lora_env / "evil.safetensors").exists()
 
 
 def test_download_failures_and_limits(lora_env, transformer, monkeypatch):
@@ -176,16 +175,16 @@ def test_download_failures_and_limits(lora_env, transformer, monkeypatch):
     (root / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     faults = Faults(drop_after={"good.safetensors": 100})
     with serve_tree(root, faults) as (url, log):
-        with pytest.raises(InputError, match=r"not found \(HTTP 404\)"):
-            lora.fetch_lora(f"{url}/missing.safetensors")
+        with pytest.raises(InputError, match="could not fetch the LoRA"):
+            lora_sources.fetch_lora(f"{url}/missing.safetensors")
         with pytest.raises(InputError, match="not a valid .safetensors file"):
-            lora.fetch_lora(f"{url}/corrupt.safetensors")
+            lora_sources.fetch_lora(f"{url}/corrupt.safetensors")
         monkeypatch.setenv("FLUX_LORA_MAX_BYTES", "1000")
         with pytest.raises(InputError, match="larger than the limit of 1000 bytes"):
-            lora.fetch_lora(f"{url}/big.safetensors")
+            lora_sources.fetch_lora(f"{url}/big.safetensors")
         monkeypatch.delenv("FLUX_LORA_MAX_BYTES")
         # a dropped connection is resumed with a Range request
-        path, downloaded = lora.fetch_lora(f"{url}/good.safetensors")
+        path, downloaded = lora_sources.fetch_lora(f"{url}/good.safetensors")
         assert downloaded and path.read_bytes() == (root / "good.safetensors").read_bytes()
         assert any(r["range"] for r in log.requests)
     assert not list((lora_env / "cache").glob("*.part"))
@@ -203,7 +202,7 @@ def test_cache_evicts_the_least_recently_used(lora_env, monkeypatch):
         os.utime(p, (1000 + i, 1000 + i))
         paths.append(p)
     monkeypatch.setenv("FLUX_LORA_CACHE_BYTES", "2500")
-    assert lora.evict() == [paths[0]]
+    assert lora_sources.evict() == [paths[0]]
     assert [p.exists() for p in paths] == [False, True, True]
 
 
@@ -419,5 +418,10 @@ def test_a_bad_request_fails_before_any_lora_is_downloaded(lora_env, transformer
     model = Model(load_components(PROXY_DIR), None, PROXY_DIR)
     with serve_tree(lora_env / "site") as (url, log):
         with pytest.raises(InputError, match="prompt is empty"):
-            run_edit(model, image_bytes(random_image(32, 32)), "\x00", loras=[lora.LoraRequest(f"{url}/l.safetensors")])
+            run_edit(
+                model,
+                image_bytes(random_image(32, 32)),
+                "\x00",
+                loras=[lora_sources.LoraRequest(f"{url}/l.safetensors")],
+            )
         assert log.requests == []

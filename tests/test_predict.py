@@ -18,6 +18,7 @@ DEFAULTS = dict(
     aspect_ratio="match_input_image", num_inference_steps=4, guidance=2.5, seed=1, acceleration="go fast",
     output_format="png", output_quality=80, disable_safety_checker=False, lora_weights=None, lora_strength=1.0,
     extra_lora_weights=None, extra_lora_strength=1.0, reference_images=None, multi_image_mode="offset",
+    hf_api_token=None, civitai_api_token=None,
 )  # fmt: skip
 
 

@@ -32,9 +32,10 @@ def site(tiny_weights, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_weights, tmp_path_factory):
+def server(tiny_weights, tmp_path_factory, site):
     work = tmp_path_factory.mktemp("lora-server")
-    with cog_server(tiny_weights, work, env={"FLUX_LORA_CACHE": str(work / "loras")}) as s:
+    allowed = site[0].removeprefix("http://")  # the LoRA site's loopback port, and no other
+    with cog_server(tiny_weights, work, env={"FLUX_LORA_CACHE": str(work / "loras"), "FLUX_FETCH_ALLOW": allowed}) as s:
         yield s
 
 
@@ -74,7 +75,7 @@ def test_loras_change_the_output_restore_exactly_and_download_once(server, site)
     "name,message",
     [
         ("lora.ckpt", "pickle file"),
-        ("missing.safetensors", "not found (HTTP 404)"),
+        ("missing.safetensors", "could not fetch the LoRA"),
         ("sdxl.safetensors", "FLUX.1 (not SDXL"),
         ("corrupt.safetensors", "not a valid .safetensors file"),
     ],

@@ -107,12 +107,12 @@ def test_setup_fetches_from_a_mirror_verifies_and_loads(tiny_weights, tmp_path, 
     Hub, here the same local server) and loads; a prediction then works."""
     hub, manifest = _hub(tmp_path, tiny_weights)
     mirror = hub / "test" / "tiny" / "resolve" / REVISION
-    manifest_path = tmp_path / "manifest.json"
-    manifest_path.write_text(json.dumps(manifest))
+    # the tree's own manifest names what it must hold (the tiny model's files, at the stand-in Hub)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / weights.TREE_MANIFEST_NAME).write_text(json.dumps(manifest))
     with serve_tree(hub) as (url, log):
         monkeypatch.setenv("HF_ENDPOINT", url)
         monkeypatch.setenv("WEIGHTS_BASE_URL", f"{url}/test/tiny/resolve/{REVISION}")
-        monkeypatch.setenv("WEIGHTS_MANIFEST", str(manifest_path))
         monkeypatch.setenv("FLUX_OUTPUT_DIR", str(tmp_path / "out"))
         predictor = make_predictor(tmp_path / "weights", monkeypatch)
         assert "fetch" in predictor.model.seconds and weights.problems(tmp_path / "weights") == []
@@ -138,12 +138,11 @@ def test_without_weights_or_a_source_setup_says_what_to_do(tmp_path, monkeypatch
 
 def test_a_mirror_with_a_bad_file_fails_setup_and_loads_nothing(tiny_weights, tmp_path, monkeypatch):
     hub, manifest = _hub(tmp_path, tiny_weights)
-    manifest_path = tmp_path / "manifest.json"
-    manifest_path.write_text(json.dumps(manifest))
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / weights.TREE_MANIFEST_NAME).write_text(json.dumps(manifest))
     with serve_tree(hub, Faults(corrupt={f"test/tiny/resolve/{REVISION}/vae/config.json"})) as (url, _):
         monkeypatch.setenv("HF_ENDPOINT", url)
         monkeypatch.setenv("WEIGHTS_BASE_URL", f"{url}/test/tiny/resolve/{REVISION}")
-        monkeypatch.setenv("WEIGHTS_MANIFEST", str(manifest_path))
         with pytest.raises(FetchError, match="vae/config.json: sha256"):
             make_predictor(tmp_path / "weights", monkeypatch)
     assert not (tmp_path / "weights" / "vae" / "config.json").exists()

@@ -75,7 +75,7 @@ def test_constant_and_linear_trajectories_are_forecast_exactly(trial):
 
 
 def _reference_forecast(history, n, k):
-    """The formula of shared/taylorseer.md, evaluated independently: finite differences over the
+    """The formula of docs/method.md, evaluated independently: finite differences over the
     computed steps' (position, value) history, then the truncated Taylor series."""
     derivs_prev = None
     derivs = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ class Faults:
     drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before the first drop
     corrupt: set[str] = field(default_factory=set)  # paths served with flipped bytes
     delay: float = 0.0  # seconds before each GET answers (lets downloads overlap)
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> where a 302 sends the client
+    drip: dict[str, float] = field(default_factory=dict)  # path -> seconds between bytes of its body
 
 
 @dataclass
@@ -48,6 +51,13 @@ def make_handler(root: Path, faults: Faults, log: Log):
                         "authorization": self.headers.get("Authorization"),
                     }
                 )
+            location = faults.redirects.get(self.path.lstrip("/"))
+            if location is not None:
+                self.send_response(302)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
             if faults.token and self.headers.get("Authorization") != f"Bearer {faults.token}":
                 self.send_error(401, "Unauthorized")
                 return None
@@ -100,6 +110,14 @@ def make_handler(root: Path, faults: Faults, log: Log):
             body = data[start:]
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            interval = faults.drip.get(rel)
+            if interval is not None:
+                with contextlib.suppress(OSError):
+                    for byte in body:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(interval)
+                return
             cut = faults.drop_after.pop(rel, None)
             if cut is not None:
                 self.wfile.write(body[:cut])
@@ -113,15 +131,23 @@ def make_handler(root: Path, faults: Faults, log: Log):
     return Handler
 
 
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 @contextlib.contextmanager
-def serve_tree(root: Path, faults: Faults | None = None):
+def serve_tree(root: Path, faults: Faults | None = None, host: str = "127.0.0.1"):
+    """Serve ``root`` on ``host`` (a loopback address: 127.0.0.1, or ::1); yields (url, log)."""
     faults = faults or Faults()
     log = Log()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(root, faults, log))
+    server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
+    server = server_class((host, 0), make_handler(root, faults, log))
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    netloc = f"[{host}]" if ":" in host else host
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", log
+        yield f"http://{netloc}:{server.server_address[1]}", log
     finally:
         server.shutdown()
         server.server_close()
