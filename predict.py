@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import pathlib
 
 from cog import BaseRunner, Input, Path, Secret
 
 import taylor_utils
-from flux import sizes
+from flux import settings, sizes
 from flux.device import release_memory
 from flux.edit import MAX_SEED, MULTI_IMAGE_MODES, base_side
 from flux.errors import InputError
@@ -28,7 +27,7 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         """Check the weights against the manifest, load them, apply the GPU fast path and warm it up."""
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        weights_dir = os.environ.get("WEIGHTS_DIR", "weights")
+        weights_dir = settings.get("WEIGHTS_DIR")
         clean_partials()  # a worker killed mid-download leaves its partial file behind
         self.model: Model = load_model(weights_dir)
         if "compile" in self.model.fast_path:  # compile the graph(s) now, not in the first request

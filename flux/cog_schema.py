@@ -91,118 +91,116 @@ def input_schema(info: Any) -> tuple[dict, dict]:
     return schema, enums
 
 
+def _str_title(title: str) -> dict:
+    return {"title": title, "type": "string"}
+
+
+# what cog writes the same for every model: the request and response envelopes and the errors
+_STATIC_SCHEMAS = {
+    "PredictionRequest": {
+        "title": "PredictionRequest",
+        "type": "object",
+        "properties": {"id": _str_title("Id"), "input": {"$ref": "#/components/schemas/Input"}},
+    },
+    "PredictionResponse": {
+        "title": "PredictionResponse",
+        "type": "object",
+        "properties": {
+            "input": {"$ref": "#/components/schemas/Input"},
+            "output": {"$ref": "#/components/schemas/Output"},
+            "id": _str_title("Id"),
+            "version": _str_title("Version"),
+            "created_at": {**_str_title("Created At"), "format": "date-time"},
+            "started_at": {**_str_title("Started At"), "format": "date-time"},
+            "completed_at": {**_str_title("Completed At"), "format": "date-time"},
+            "status": _str_title("Status"),
+            "error": _str_title("Error"),
+            "logs": _str_title("Logs"),
+            "metrics": {"title": "Metrics", "type": "object"},
+        },
+    },
+    "Status": {
+        "title": "Status",
+        "description": "An enumeration.",
+        "enum": ["starting", "processing", "succeeded", "canceled", "failed"],
+        "type": "string",
+    },
+    "HTTPValidationError": {
+        "title": "HTTPValidationError",
+        "type": "object",
+        "properties": {
+            "detail": {"title": "Detail", "type": "array", "items": {"$ref": "#/components/schemas/ValidationError"}}
+        },
+    },
+    "ValidationError": {
+        "title": "ValidationError",
+        "required": ["loc", "msg", "type"],
+        "type": "object",
+        "properties": {
+            "loc": {
+                "title": "Location",
+                "type": "array",
+                "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+            },
+            "msg": _str_title("Message"),
+            "type": _str_title("Error Type"),
+        },
+    },
+}
+_OK = {"description": "Successful Response", "content": _ANY}
+_INVALID = {"description": "Validation Error", "content": {"application/json": {"schema": _VALIDATION_ERROR}}}
+_PATHS = {
+    "/": {"get": {"summary": "Root", "operationId": "root__get", "responses": {"200": _OK}}},
+    "/health-check": {
+        "get": {"summary": "Healthcheck", "operationId": "healthcheck_health_check_get", "responses": {"200": _OK}}
+    },
+    "/predictions": {
+        "post": {
+            "summary": "Predict",
+            "description": "Run a single prediction on the model",
+            "operationId": "predict_predictions_post",
+            "requestBody": {
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionRequest"}}}
+            },
+            "responses": {
+                "200": {
+                    "description": "Successful Response",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}},
+                },
+                "422": _INVALID,
+            },
+        }
+    },
+    "/predictions/{prediction_id}/cancel": {
+        "post": {
+            "summary": "Cancel",
+            "operationId": "cancel_predictions__prediction_id__cancel_post",
+            "parameters": [
+                {
+                    "required": True,
+                    "schema": {"title": "Prediction Id", "type": "string"},
+                    "name": "prediction_id",
+                    "in": "path",
+                }
+            ],
+            "responses": {"200": _OK, "422": _INVALID},
+        }
+    },
+}
+
+
 def openapi_schema(module: str = "predict", predictor: str = "Predictor") -> dict:
     """The full OpenAPI 3.0.2 document for the predictor."""
     from cog._inspector import create_predictor
 
     info = create_predictor(module, predictor)
     inputs, enums = input_schema(info)
-    str_title = lambda t: {"title": t, "type": "string"}  # noqa: E731
-    components = {
-        "Input": inputs,
-        "Output": info.output.json_type(),
-        **enums,
-        "PredictionRequest": {
-            "title": "PredictionRequest",
-            "type": "object",
-            "properties": {"id": str_title("Id"), "input": {"$ref": "#/components/schemas/Input"}},
-        },
-        "PredictionResponse": {
-            "title": "PredictionResponse",
-            "type": "object",
-            "properties": {
-                "input": {"$ref": "#/components/schemas/Input"},
-                "output": {"$ref": "#/components/schemas/Output"},
-                "id": str_title("Id"),
-                "version": str_title("Version"),
-                "created_at": {**str_title("Created At"), "format": "date-time"},
-                "started_at": {**str_title("Started At"), "format": "date-time"},
-                "completed_at": {**str_title("Completed At"), "format": "date-time"},
-                "status": str_title("Status"),
-                "error": str_title("Error"),
-                "logs": str_title("Logs"),
-                "metrics": {"title": "Metrics", "type": "object"},
-            },
-        },
-        "Status": {
-            "title": "Status",
-            "description": "An enumeration.",
-            "enum": ["starting", "processing", "succeeded", "canceled", "failed"],
-            "type": "string",
-        },
-        "HTTPValidationError": {
-            "title": "HTTPValidationError",
-            "type": "object",
-            "properties": {
-                "detail": {
-                    "title": "Detail",
-                    "type": "array",
-                    "items": {"$ref": "#/components/schemas/ValidationError"},
-                }
-            },
-        },
-        "ValidationError": {
-            "title": "ValidationError",
-            "required": ["loc", "msg", "type"],
-            "type": "object",
-            "properties": {
-                "loc": {
-                    "title": "Location",
-                    "type": "array",
-                    "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
-                },
-                "msg": str_title("Message"),
-                "type": str_title("Error Type"),
-            },
-        },
-    }
-    ok = {"description": "Successful Response", "content": _ANY}
-    invalid = {"description": "Validation Error", "content": {"application/json": {"schema": _VALIDATION_ERROR}}}
-    paths = {
-        "/": {"get": {"summary": "Root", "operationId": "root__get", "responses": {"200": ok}}},
-        "/health-check": {
-            "get": {"summary": "Healthcheck", "operationId": "healthcheck_health_check_get", "responses": {"200": ok}}
-        },
-        "/predictions": {
-            "post": {
-                "summary": "Predict",
-                "description": "Run a single prediction on the model",
-                "operationId": "predict_predictions_post",
-                "requestBody": {
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionRequest"}}}
-                },
-                "responses": {
-                    "200": {
-                        "description": "Successful Response",
-                        "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}
-                        },
-                    },
-                    "422": invalid,
-                },
-            }
-        },
-        "/predictions/{prediction_id}/cancel": {
-            "post": {
-                "summary": "Cancel",
-                "operationId": "cancel_predictions__prediction_id__cancel_post",
-                "parameters": [
-                    {
-                        "required": True,
-                        "schema": {"title": "Prediction Id", "type": "string"},
-                        "name": "prediction_id",
-                        "in": "path",
-                    }
-                ],
-                "responses": {"200": ok, "422": invalid},
-            }
-        },
-    }
+    schemas = {"Input": inputs, "Output": info.output.json_type(), **enums, **_STATIC_SCHEMAS}
     return {
         "openapi": "3.0.2",
         "info": {"title": "Cog", "version": "0.1.0"},
-        "paths": paths,
-        "components": {"schemas": components},
+        "paths": _PATHS,
+        "components": {"schemas": schemas},
     }
 
 

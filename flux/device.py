@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from flux import settings
 from flux.errors import InputError
 
 
@@ -15,7 +14,7 @@ def pick_device() -> torch.device:
     A FLUX_DEVICE this machine cannot honour is a clear error here, not a trace from the first
     tensor moved to it.
     """
-    wanted = os.environ.get("FLUX_DEVICE")
+    wanted = settings.get("FLUX_DEVICE")
     if not wanted:
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:

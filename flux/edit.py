@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -76,34 +76,6 @@ class ForecastCache(Protocol):
     def nbytes(self) -> int: ...
 
 
-class StepPlan(Protocol):
-    """Which steps run the transformer. A plan may decide as it goes: after each computed step that
-    had an earlier one, the loop tells it how far off the cache's forecast of that step was."""
-
-    measures_forecasts: bool
-
-    def computes(self, step: int) -> bool: ...
-    def forecasts_after(self, step: int) -> bool: ...
-    def observe(self, step: int, forecast_error: float, distance: int) -> None: ...
-
-
-@dataclass
-class FixedPlan:
-    """A computed-step map decided before the loop (the acceleration levels')."""
-
-    step_map: list[bool]
-    measures_forecasts: bool = False
-
-    def computes(self, step: int) -> bool:
-        return self.step_map[step]
-
-    def forecasts_after(self, step: int) -> bool:
-        return not all(self.step_map[step + 1 :])
-
-    def observe(self, step: int, forecast_error: float, distance: int) -> None:
-        pass
-
-
 @dataclass
 class LabOverrides:
     """The one seam through which the quality lab, the benchmarks and the tests vary an edit.
@@ -111,9 +83,9 @@ class LabOverrides:
 
     # default: TaylorSeer with DEFAULT_N_DERIVATIVES, in step units, fp32 terms
     cache: ForecastCache | None = None
-    # default: the acceleration level's map; else a computed-step map of length num_steps, or a plan
-    # that decides as the loop goes (flux.lab.adaptive)
-    step_map: list[bool] | StepPlan | None = None
+    # default: the acceleration level's map; else a computed-step map of length num_steps (a
+    # sequence the loop reads once per step, in order, so it may decide as the loop goes)
+    step_map: Sequence[bool] | None = None
     # (width, height) of the conditioning image; default: the preferred Kontext resolution
     condition_size: tuple[int, int] | None = None
     # the side whose square the references share (sizes.reference_size); default: the model's
@@ -130,10 +102,17 @@ class EditReport:
     transformer_calls: int = 0
     forecast_steps: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
-    transformer_seconds: float = 0.0
-    forecast_seconds: float = 0.0
+    timers: dict[str, float] = field(default_factory=dict)  # seconds in the transformer and in forecasts
     cache_bytes: int = 0
     loras: list[dict] = field(default_factory=list)  # the LoRAs merged for this edit (set by the pipeline)
+
+    @property
+    def transformer_seconds(self) -> float:
+        return self.timers.get("transformer", 0.0)
+
+    @property
+    def forecast_seconds(self) -> float:
+        return self.timers.get("forecast", 0.0)
 
     def summary(self) -> str:
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
@@ -281,73 +260,92 @@ def decode(c: Components, latents: torch.Tensor, width: int, height: int) -> tor
     return c.vae.decode(latent, return_dict=False)[0]
 
 
+@dataclass
+class LoopInputs:
+    """Everything the denoise loop needs besides the transformer, for one edit (shapes: module docstring)."""
+
+    latents: torch.Tensor
+    image_latents: torch.Tensor
+    ids: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    text_ids: torch.Tensor
+    sigmas: torch.Tensor
+    guidance: torch.Tensor | None
+
+
+def prepare(
+    c: Components, image: Image.Image, settings: EditSettings, references: list[Image.Image], lab: LabOverrides
+) -> LoopInputs:
+    """Encode the prompt and the conditioning images, draw the noise, lay out the positions and the sigmas."""
+    prompt_embeds, pooled, text_ids = encode_prompt(c, settings.prompt)
+    condition_size = lab.condition_size or sizes.conditioning_size(*image.size, base_side(c))
+    image_latents, image_ids = encode_conditioning(
+        c, image, references, settings.multi_image_mode, condition_size, lab.reference_base
+    )
+    latents = initial_noise(c, settings.seed, settings.width, settings.height)
+    rows, columns = settings.height // sizes.MULTIPLE, settings.width // sizes.MULTIPLE
+    ids = torch.cat([position_ids(rows, columns, 0.0, c.device, c.dtype), image_ids], dim=0)
+    guidance = None
+    if c.transformer.config.guidance_embeds:
+        guidance = torch.full([1], settings.guidance, device=c.device, dtype=torch.float32)
+    sigmas = schedule.sigmas_for(c.scheduler, settings.num_steps, latents.shape[1])
+    return LoopInputs(latents, image_latents, ids, prompt_embeds, pooled, text_ids, sigmas, guidance)
+
+
+def transformer_prediction(c: Components, inputs: LoopInputs) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The transformer as the loop sees it: (latents, step) -> the target tokens' prediction.
+    Only the target tokens are used and cached: the forecast is elementwise, so caching the
+    conditioning tokens too (as the public reference does) changes no target value."""
+
+    def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
+        # diffusers passes the scheduler's timestep (sigma * 1000) cast to the latents' dtype and
+        # divides it by 1000 again; the same round trip keeps the loop bit for bit with its pipeline
+        t = (inputs.sigmas[step] * 1000.0).to(c.device).expand(latents.shape[0]).to(latents.dtype)
+        output = c.transformer(
+            hidden_states=torch.cat([latents, inputs.image_latents], dim=1),
+            timestep=t / 1000,
+            guidance=None if inputs.guidance is None else inputs.guidance.expand(latents.shape[0]),
+            pooled_projections=inputs.pooled,
+            encoder_hidden_states=inputs.prompt_embeds,
+            txt_ids=inputs.text_ids,
+            img_ids=inputs.ids,
+            return_dict=False,
+        )[0]
+        return output[:, : latents.shape[1]]
+
+    return predict
+
+
 def denoise(
-    c: Components,
+    predict: Callable[[torch.Tensor, int], torch.Tensor],
     latents: torch.Tensor,
-    image_latents: torch.Tensor,
-    ids: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    pooled: torch.Tensor,
-    text_ids: torch.Tensor,
     sigmas: torch.Tensor,
-    guidance: float,
-    plan: StepPlan,
+    step_map: Sequence[bool],
     cache: ForecastCache,
     report: EditReport,
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
-    """The flow-matching Euler loop over ``len(sigmas) - 1`` steps; computed steps run the
-    transformer, skipped steps are forecast.
-
-    Only the target tokens of each prediction are used and cached: the forecast is elementwise, so
-    caching the conditioning tokens too (as the public reference does) changes no target value.
-    """
-    num_tokens = latents.shape[1]
-    timesteps = sigmas[:-1] * 1000.0
-    guidance_vec = None
-    if c.transformer.config.guidance_embeds:
-        guidance_vec = torch.full([1], guidance, device=c.device, dtype=torch.float32).expand(latents.shape[0])
-    sigmas_list = sigmas.tolist()
-    timers: dict[str, float] = {}
-    num_steps = len(sigmas_list) - 1
-    cached_at = None  # the computed step the cache last recorded, while it is the latest computed one
+    """The flow-matching Euler loop over ``len(sigmas) - 1`` steps: a computed step runs the
+    transformer and records its prediction in the cache, a skipped one is forecast by the cache."""
+    sigma = sigmas.tolist()
+    num_steps = len(sigma) - 1
+    device = latents.device
     for i in range(num_steps):
-        compute = plan.computes(i)
-        if compute:
-            with _Timer(c.device, timers, "transformer"):
-                t = timesteps[i].to(c.device).expand(latents.shape[0]).to(latents.dtype)
-                output = c.transformer(
-                    hidden_states=torch.cat([latents, image_latents], dim=1),
-                    timestep=t / 1000,
-                    guidance=guidance_vec,
-                    pooled_projections=pooled,
-                    encoder_hidden_states=prompt_embeds,
-                    txt_ids=text_ids,
-                    img_ids=ids,
-                    return_dict=False,
-                )[0]
-                prediction = output[:, :num_tokens]
-                report.transformer_calls += 1
-                if plan.measures_forecasts and cached_at is not None:
-                    # what the cache would have said here: known without another transformer call
-                    actual = prediction.float()
-                    error = (cache.forecast(float(i)) - actual).norm() / actual.norm()
-                    plan.observe(i, float(error), i - cached_at)
-                cached_at = None
-                if plan.forecasts_after(i):
-                    cache.update(prediction, float(i))
-                    cached_at = i
-                    report.cache_bytes = max(report.cache_bytes, cache.nbytes())
+        computed = step_map[i]
+        if computed:
+            with _Timer(device, report.timers, "transformer"):
+                prediction = predict(latents, i)
+            report.transformer_calls += 1
+            cache.update(prediction, float(i))
+            report.cache_bytes = max(report.cache_bytes, cache.nbytes())
         else:
-            with _Timer(c.device, timers, "forecast"):
+            with _Timer(device, report.timers, "forecast"):
                 prediction = cache.forecast(float(i))
             report.forecast_steps.append(i)
-        dt = sigmas_list[i + 1] - sigmas_list[i]
-        latents = (latents.float() + dt * prediction.float()).to(latents.dtype)
+        latents = (latents.float() + (sigma[i + 1] - sigma[i]) * prediction.float()).to(latents.dtype)
         if on_step is not None:
-            on_step(i, num_steps, compute)
-    report.transformer_seconds = timers.get("transformer", 0.0)
-    report.forecast_seconds = timers.get("forecast", 0.0)
+            on_step(i, num_steps, computed)
     return latents
 
 
@@ -405,29 +403,16 @@ def edit(
     seconds = report.seconds
     cache = lab.cache or taylor_utils.TaylorCache(n_derivatives=DEFAULT_N_DERIVATIVES)
     cache.reset()
+    step_map = lab.step_map or taylor_utils.compute_step_map(settings.acceleration, settings.num_steps)
+    if len(step_map) != settings.num_steps:
+        raise ValueError(f"a step map needs {settings.num_steps} entries; got {len(step_map)}")
     try:
         with _Timer(c.device, seconds, "encode"):
-            prompt_embeds, pooled, text_ids = encode_prompt(c, settings.prompt)
-            condition_size = lab.condition_size or sizes.conditioning_size(*image.size, base_side(c))
-            image_latents, image_ids = encode_conditioning(
-                c, image, references, settings.multi_image_mode, condition_size, lab.reference_base
-            )
-            latents = initial_noise(c, settings.seed, settings.width, settings.height)
-            target_ids = position_ids(
-                settings.height // sizes.MULTIPLE, settings.width // sizes.MULTIPLE, 0.0, c.device, c.dtype
-            )
-            ids = torch.cat([target_ids, image_ids], dim=0)
-            sigmas = schedule.sigmas_for(c.scheduler, settings.num_steps, latents.shape[1])
-        plan = lab.step_map or taylor_utils.compute_step_map(settings.acceleration, settings.num_steps)
-        if isinstance(plan, list):
-            if len(plan) != settings.num_steps:
-                raise ValueError(f"a step map needs {settings.num_steps} entries; got {len(plan)}")
-            plan = FixedPlan(plan)
+            inputs = prepare(c, image, settings, references, lab)
         with _Timer(c.device, seconds, "denoise"):
             latents = denoise(
-                c, latents, image_latents, ids, prompt_embeds, pooled, text_ids, sigmas, settings.guidance,
-                plan, cache, report, on_step,
-            )  # fmt: skip
+                transformer_prediction(c, inputs), inputs.latents, inputs.sigmas, step_map, cache, report, on_step
+            )
         _check_finite(latents, "final latents")
         with _Timer(c.device, seconds, "decode"):
             decoded = decode(c, latents, settings.width, settings.height)

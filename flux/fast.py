@@ -30,13 +30,12 @@ Settings (environment variables, read by ``FastSettings.from_env``):
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from flux import sizes
+from flux import settings, sizes
 from flux.loading import Components
 from flux.lora import install_branches
 
@@ -52,36 +51,36 @@ _OFF = ("0", "false", "no", "off")
 AUTO_LORA_BRANCH_RANK = 64
 
 
+# each field is read from the setting of the same name with FLUX_ before it (flux.settings has the defaults)
+_FIELDS = ("compile", "compile_backend", "compile_shapes", "compile_mode", "fp8", "attention", "compile_cache",
+           "lora_branch_rank")  # fmt: skip
+
+
+def _default(name: str) -> str:
+    return settings.default(f"FLUX_{name.upper()}")
+
+
 @dataclass
 class FastSettings:
-    compile: str = "auto"
-    compile_backend: str = "inductor"
-    compile_shapes: str = "dynamic"
-    compile_mode: str = "default"
-    fp8: str = "auto"
-    attention: str = "auto"
-    compile_cache: str = ".cache/torch-compile"
-    lora_branch_rank: str = "auto"
+    compile: str = _default("compile")
+    compile_backend: str = _default("compile_backend")
+    compile_shapes: str = _default("compile_shapes")
+    compile_mode: str = _default("compile_mode")
+    fp8: str = _default("fp8")
+    attention: str = _default("attention")
+    compile_cache: str = _default("compile_cache")
+    lora_branch_rank: str = _default("lora_branch_rank")
 
     @classmethod
     def from_env(cls) -> FastSettings:
-        settings = cls(
-            compile=os.environ.get("FLUX_COMPILE", "auto"),
-            compile_backend=os.environ.get("FLUX_COMPILE_BACKEND", "inductor"),
-            compile_shapes=os.environ.get("FLUX_COMPILE_SHAPES", "dynamic"),
-            compile_mode=os.environ.get("FLUX_COMPILE_MODE", "default"),
-            fp8=os.environ.get("FLUX_FP8", "auto"),
-            attention=os.environ.get("FLUX_ATTENTION", "auto"),
-            compile_cache=os.environ.get("FLUX_COMPILE_CACHE", ".cache/torch-compile"),
-            lora_branch_rank=os.environ.get("FLUX_LORA_BRANCH_RANK", "auto"),
-        )
-        if settings.lora_branch_rank != "auto" and not settings.lora_branch_rank.isdigit():
-            raise ValueError(f"FLUX_LORA_BRANCH_RANK must be auto or a whole number; got {settings.lora_branch_rank!r}")
-        if settings.compile_shapes not in SHAPE_POLICIES:
+        chosen = cls(**{name: settings.get(f"FLUX_{name.upper()}") for name in _FIELDS})
+        if chosen.lora_branch_rank != "auto" and not chosen.lora_branch_rank.isdigit():
+            raise ValueError(f"FLUX_LORA_BRANCH_RANK must be auto or a whole number; got {chosen.lora_branch_rank!r}")
+        if chosen.compile_shapes not in SHAPE_POLICIES:
             raise ValueError(
-                f"FLUX_COMPILE_SHAPES must be one of {', '.join(SHAPE_POLICIES)}; got {settings.compile_shapes!r}"
+                f"FLUX_COMPILE_SHAPES must be one of {', '.join(SHAPE_POLICIES)}; got {chosen.compile_shapes!r}"
             )
-        return settings
+        return chosen
 
     def compiles_on(self, device: torch.device) -> bool:
         if self.compile == "auto":
@@ -139,7 +138,7 @@ def compile_transformer(c: Components, settings: FastSettings) -> dict[str, obje
     if settings.compile_backend == "inductor":
         cache = Path(settings.compile_cache).resolve()
         cache.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        settings.default_for_library("TORCHINDUCTOR_CACHE_DIR", str(cache))
         import torch._inductor.config as inductor_config
 
         inductor_config.fx_graph_cache = True
@@ -154,7 +153,8 @@ def compile_transformer(c: Components, settings: FastSettings) -> dict[str, obje
 
 
 def optimize(c: Components, settings: FastSettings | None = None) -> dict[str, object]:
-    """Apply the fast path in place; returns what was applied (empty where nothing applies)."""
+    """Apply the fast path in place; returns what was applied (empty where nothing applies), with
+    the decisions LoRAs depend on: ``fp8`` (True when the weights are FP8) and ``lora_branch_rank``."""
     settings = settings or FastSettings.from_env()
     applied: dict[str, object] = {}
     if c.device.type == "cuda":
@@ -165,6 +165,7 @@ def optimize(c: Components, settings: FastSettings | None = None) -> dict[str, o
     if rank:
         layers = install_branches(c.transformer, rank, c.dtype)
         applied["lora_branch"] = f"rank {rank} on {layers} linear layers"
+        applied["lora_branch_rank"] = rank
     if settings.compiles_on(c.device):
         applied.update(compile_transformer(c, settings))
     return applied

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flux import weights
+from flux import settings, weights
 from flux.outbound import Clock, Credential, FetchError, download, get_json, limits_from_env, open_url
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class FetchReport:
 
 def hf_endpoint() -> str:
     """The Hugging Face Hub's address (HF_ENDPOINT, as huggingface_hub reads it)."""
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return settings.get("HF_ENDPOINT").rstrip("/")
 
 
 def weights_credential(token: str | None, base_url: str | None = None) -> Credential | None:
@@ -218,6 +218,17 @@ def _remote_size(entry: dict, manifest: dict, base_url: str | None, token: str |
         return None
 
 
+def _check_free_disk(root: Path, sizes: dict[str, int | None]) -> None:
+    """Fail before downloading when the files left to fetch (less what their .part files hold) do not fit."""
+    needed = 0
+    for path, size in sizes.items():
+        partial = root / (path + ".part")
+        needed += max((size or 0) - (partial.stat().st_size if partial.exists() else 0), 0)
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise FetchError(f"not enough free disk in {root}: {needed / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
+
+
 def fetch(
     out_dir: str | Path,
     manifest: dict | None = None,
@@ -233,7 +244,7 @@ def fetch(
     manifest = manifest if manifest is not None else weights.load_manifest()
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    token = token if token is not None else os.environ.get("HF_TOKEN") or None
+    token = token if token is not None else settings.get("HF_TOKEN") or None
     given = manifest
     manifest = with_hub_hashes(manifest, weights_credential(token, base_url))
     report = FetchReport()
@@ -249,14 +260,7 @@ def fetch(
         todo.append(entry)
     if todo:
         sizes = {e["path"]: e.get("size") or _remote_size(e, manifest, base_url, token) for e in todo}
-        needed = 0
-        for e in todo:
-            partial = root / (e["path"] + ".part")
-            have = partial.stat().st_size if partial.exists() else 0
-            needed += max((sizes[e["path"]] or 0) - have, 0)
-        free = shutil.disk_usage(root).free
-        if needed > free:
-            raise FetchError(f"not enough free disk in {root}: {needed / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
+        _check_free_disk(root, sizes)
         bar = _Progress(sum(s or 0 for s in sizes.values()), progress)
         errors: list[str] = []
         lock = threading.Lock()

@@ -64,28 +64,7 @@ def convert(path: Path, source: str, transformer: torch.nn.Module, field_name: s
             f"{field_name}: this LoRA's layout is not one diffusers' Flux LoRA loader converts for this model; "
             f"is it a LoRA for FLUX.1 (not SDXL or another model)? ({type(exc).__name__}: {str(exc)[:300]})"
         ) from None
-    text_keys = [k for k in state if not k.startswith("transformer.")]
-    if text_keys:
-        log.info(
-            "%s: %d text-encoder LoRA tensors skipped (only the transformer is adapted)", field_name, len(text_keys)
-        )
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
-    for key, tensor in state.items():
-        if not key.startswith("transformer."):
-            continue
-        name = key.removeprefix("transformer.")
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}.weight"
-            if name.endswith(marker):
-                pairs.setdefault(name.removesuffix(marker), {})[part] = tensor
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise InputError(
-            f"{field_name}: unsupported LoRA tensors (for example {unknown[0]}); only lora_A/lora_B weights are"
-        )
+    pairs = _transformer_pairs(state, field_name)
     global_alpha = _metadata_alpha(metadata)
     layers = {}
     modules = dict(transformer.named_modules())
@@ -112,7 +91,28 @@ def convert(path: Path, source: str, transformer: torch.nn.Module, field_name: s
             f"{field_name}: the LoRA matches no layer of this model's transformer; is it a LoRA for FLUX.1 "
             "(not SDXL or another model)?"
         )
-    return LoadedLora(source, layers, len(text_keys))
+    return LoadedLora(source, layers, sum(not k.startswith("transformer.") for k in state))
+
+
+def _transformer_pairs(state: dict[str, torch.Tensor], field_name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{layer name: {"lora_A": down, "lora_B": up}} of the transformer's part of a converted LoRA."""
+    text_keys = [k for k in state if not k.startswith("transformer.")]
+    if text_keys:
+        log.info(
+            "%s: %d text-encoder LoRA tensors skipped (only the transformer is adapted)", field_name, len(text_keys)
+        )
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if not key.startswith("transformer."):
+            continue
+        name = key.removeprefix("transformer.")
+        part = next((p for p in ("lora_A", "lora_B") if name.endswith(f".{p}.weight")), None)
+        if part is None:
+            raise InputError(
+                f"{field_name}: unsupported LoRA tensors (for example {key}); only lora_A/lora_B weights are"
+            )
+        pairs.setdefault(name.removesuffix(f".{part}.weight"), {})[part] = tensor
+    return pairs
 
 
 def _metadata_alpha(metadata: dict | None) -> float | None:
@@ -150,15 +150,6 @@ def _add_branch(module: torch.nn.Linear, args: tuple, output: torch.Tensor) -> t
     return output + F.linear(F.linear(x.to(module.lora_down.dtype), module.lora_down), module.lora_up).to(output.dtype)
 
 
-def branch_rank(transformer: torch.nn.Module) -> int:
-    """The rank of the installed side branches; 0 where there are none."""
-    for module in transformer.modules():
-        if isinstance(module, torch.nn.Linear):
-            down = getattr(module, "lora_down", None)
-            return 0 if down is None else down.shape[0]
-    return 0
-
-
 def fit_rank(factors: list[tuple[torch.Tensor, torch.Tensor]], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One (down, up) pair of rank at most ``rank`` for sum(up @ down) over ``factors``: exact when the
     ranks add up to ``rank`` or less, otherwise the best rank-``rank`` approximation (truncated SVD)."""
@@ -178,9 +169,11 @@ def fit_rank(factors: list[tuple[torch.Tensor, torch.Tensor]], rank: int) -> tup
 class LoraState:
     """The LoRAs applied to one transformer now (merged, or in its side branches where it has them),
     the originals of every weight a merge changed, and the converted LoRAs kept in memory for the
-    next request."""
+    next request. ``branch_rank`` and ``fp8`` are what the fast path decided for this transformer."""
 
     transformer: torch.nn.Module
+    branch_rank: int = 0  # the side branches' rank (install_branches); 0: LoRAs are merged
+    fp8: bool = False  # the linear weights are FP8: without branches, no LoRA can be served
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     branched: set[str] = field(default_factory=set)
     applied: tuple[tuple[str, float], ...] = ()
@@ -209,9 +202,8 @@ class LoraState:
         modules = dict(self.transformer.named_modules())
         self.restore()
         try:
-            rank = branch_rank(self.transformer)
-            if rank:
-                self._set_branches(wanted, modules, rank)
+            if self.branch_rank:
+                self._set_branches(wanted, modules, self.branch_rank)
             else:
                 self._merge(wanted, modules)
         except BaseException:
@@ -222,17 +214,16 @@ class LoraState:
 
     @torch.no_grad()
     def _merge(self, wanted: list[tuple[LoadedLora, float]], modules: dict[str, torch.nn.Module]) -> None:
+        if self.fp8 and any(strength != 0.0 for _, strength in wanted):
+            raise EditError(
+                "LoRAs cannot be merged into FP8-quantized weights without losing most of their effect, and "
+                "this server runs FP8 without LoRA side branches (README, LoRA: 'Beside FP8')"
+            )
         for lora, strength in wanted:
             if strength == 0.0:
                 continue
             for name, (down, up) in lora.layers.items():
                 weight = modules[name].weight
-                if type(weight.data) is not torch.Tensor:
-                    raise EditError(
-                        "LoRAs cannot be merged into FP8-quantized weights without losing most of their effect; "
-                        "this server runs FP8 without LoRA branches (FLUX_LORA_BRANCH_RANK=0): set "
-                        "FLUX_LORA_BRANCH_RANK=auto or FLUX_FP8=off to serve LoRAs"
-                    )
                 if name not in self.originals:
                     self.originals[name] = weight.detach().to("cpu", copy=True)
                 delta = (up.to(weight.device) @ down.to(weight.device)) * strength

@@ -14,8 +14,7 @@ Every download goes through ``flux.outbound`` (address rule, redirects, size, de
 rate). For a URL that is neither the Hub nor CivitAI, every failure reads the same ("could not
 fetch"), so the server cannot be used to tell which internal ports answer.
 
-Settings (environment): FLUX_LORA_CACHE (default .cache/loras), FLUX_LORA_CACHE_BYTES (10 GiB; least
-recently used files are evicted beyond it), FLUX_LORA_MAX_BYTES (2 GiB per download), HF_ENDPOINT,
+Settings (flux.settings): FLUX_LORA_CACHE, FLUX_LORA_CACHE_BYTES, FLUX_LORA_MAX_BYTES, HF_ENDPOINT,
 CIVITAI_ENDPOINT, FLUX_LORA_OPERATOR_TOKENS, and flux.outbound's FLUX_FETCH_* settings.
 """
 
@@ -30,6 +29,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from flux import settings
 from flux.errors import InputError
 from flux.fetch import hf_endpoint
 from flux.outbound import Credential, FetchError, Refused, TooSlow, download, get_json, limits_from_env
@@ -74,10 +74,10 @@ class LoraTokens:
     @classmethod
     def for_request(cls, hf: str | None = None, civitai: str | None = None) -> LoraTokens:
         """The caller's tokens; where the caller gives none, the operator's if FLUX_LORA_OPERATOR_TOKENS=1."""
-        operator = os.environ.get("FLUX_LORA_OPERATOR_TOKENS", "0") == "1"
+        operator = settings.get("FLUX_LORA_OPERATOR_TOKENS") == "1"
         return cls(
-            hf=hf or (os.environ.get("HF_TOKEN") if operator else None) or None,
-            civitai=civitai or (os.environ.get("CIVITAI_API_TOKEN") if operator else None) or None,
+            hf=hf or (settings.get("HF_TOKEN") if operator else None) or None,
+            civitai=civitai or (settings.get("CIVITAI_API_TOKEN") if operator else None) or None,
         )
 
     def credentials(self) -> list[Credential]:
@@ -103,7 +103,7 @@ def describe(source: str) -> str:
 
 def civitai_endpoint() -> str:
     """CivitAI's address (CIVITAI_ENDPOINT: a mirror, or the tests' local server)."""
-    return os.environ.get("CIVITAI_ENDPOINT", "https://civitai.com").rstrip("/")
+    return settings.get("CIVITAI_ENDPOINT").rstrip("/")
 
 
 def _is_service(url: str, domain: str, endpoint: str) -> bool:
@@ -231,15 +231,15 @@ def _failure(field_name: str, url: str, exc: FetchError) -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FLUX_LORA_CACHE", ".cache/loras"))
+    return Path(settings.get("FLUX_LORA_CACHE"))
 
 
 def cache_limit_bytes() -> int:
-    return int(os.environ.get("FLUX_LORA_CACHE_BYTES", 10 * 2**30))
+    return settings.get_int("FLUX_LORA_CACHE_BYTES")
 
 
 def max_download_bytes() -> int:
-    return int(os.environ.get("FLUX_LORA_MAX_BYTES", 2 * 2**30))
+    return settings.get_int("FLUX_LORA_MAX_BYTES")
 
 
 def cached_path(source: str, tokens: LoraTokens = NO_TOKENS) -> Path:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import httpx2
 from httpcore2._backends.sync import SyncBackend
+
+from flux import settings
 
 MAX_REDIRECTS = 5
 USER_AGENT = "flux-kontext-cog/1"
@@ -128,7 +129,7 @@ class AddressPolicy:
 
 
 def policy_from_env() -> AddressPolicy:
-    return AddressPolicy(parse_allowed(os.environ.get("FLUX_FETCH_ALLOW", "")))
+    return AddressPolicy(parse_allowed(settings.get("FLUX_FETCH_ALLOW")))
 
 
 class _CheckedBackend(SyncBackend):
@@ -174,17 +175,16 @@ class FetchLimits:
     """How long a download may take: ``deadline_s`` in all (None: no deadline), and at least
     ``min_rate`` bytes a second over every ``window_s`` (also the longest wait for any one read)."""
 
-    deadline_s: float | None = 600.0
-    min_rate: float = 100_000.0
-    window_s: float = 30.0
+    deadline_s: float | None
+    min_rate: float
+    window_s: float
 
 
 def limits_from_env(deadline: bool = True) -> FetchLimits:
-    defaults = FetchLimits()
     return FetchLimits(
-        deadline_s=float(os.environ.get("FLUX_FETCH_DEADLINE_S", defaults.deadline_s)) if deadline else None,
-        min_rate=float(os.environ.get("FLUX_FETCH_MIN_RATE", defaults.min_rate)),
-        window_s=float(os.environ.get("FLUX_FETCH_RATE_WINDOW_S", defaults.window_s)),
+        deadline_s=settings.get_float("FLUX_FETCH_DEADLINE_S") if deadline else None,
+        min_rate=settings.get_float("FLUX_FETCH_MIN_RATE"),
+        window_s=settings.get_float("FLUX_FETCH_RATE_WINDOW_S"),
     )
 
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 import uuid
 from pathlib import Path
+
+from flux import settings
 
 # Cog returns a file after predict() ends, so the newest few must outlive their prediction.
 KEEP_OUTPUTS = 8
 
 
 def output_dir() -> Path:
-    directory = Path(os.environ.get("FLUX_OUTPUT_DIR") or Path(tempfile.gettempdir()) / "flux-outputs")
+    directory = Path(settings.get("FLUX_OUTPUT_DIR") or Path(tempfile.gettempdir()) / "flux-outputs")
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 

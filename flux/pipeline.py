@@ -4,7 +4,6 @@ check the weights, load the model, parse the input, size the output, edit, check
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from flux import images, sizes, weights
+from flux import images, settings, sizes, weights
 from flux.edit import (
     MAX_SEED,
     EditResult,
@@ -47,7 +46,13 @@ class Model:
     loras: LoraState | None = None
 
     def __post_init__(self) -> None:
-        self.loras = self.loras or LoraState(self.components.transformer)
+        self.loras = self.loras or lora_state(self.components, self.fast_path)
+
+
+def lora_state(components: Components, fast_path: dict[str, object]) -> LoraState:
+    """The transformer's LoRA state, as the fast path set it up (side branches, FP8)."""
+    rank = fast_path.get("lora_branch_rank", 0)
+    return LoraState(components.transformer, rank if isinstance(rank, int) else 0, fast_path.get("fp8") is True)
 
 
 def fetch_missing_weights(weights_dir: str | Path) -> FetchReport | None:
@@ -56,8 +61,8 @@ def fetch_missing_weights(weights_dir: str | Path) -> FetchReport | None:
     reaches its final path. Without a source, nothing is fetched (the check then says what is missing)."""
     if not weights.problems(weights_dir):
         return None
-    base_url = os.environ.get("WEIGHTS_BASE_URL") or None
-    if base_url is None and not os.environ.get("HF_TOKEN"):
+    base_url = settings.get("WEIGHTS_BASE_URL") or None
+    if base_url is None and not settings.get("HF_TOKEN"):
         return None
     manifest = weights.manifest_for(weights_dir)
     where = base_url or "the Hugging Face Hub"
@@ -88,6 +93,7 @@ def load_model(weights_dir: str | Path, with_safety: bool = True, fast: bool = T
     if fast:
         start = time.perf_counter()
         model.fast_path = optimize(components)
+        model.loras = lora_state(components, model.fast_path)
         seconds["fast_path"] = time.perf_counter() - start
     return model
 

@@ -272,11 +272,12 @@ def test_swapping_loras_and_strengths_never_compiles(tiny_weights, tmp_path, how
     """Dynamo (counting backend): two LoRAs of different ranks and several strengths, one graph, merged
     into the weights or (as beside FP8) in a rank-16 side branch, where the pair's rank 20 is reduced."""
     c = load_components(tiny_weights)
-    if how == "side branch":
-        lora.install_branches(c.transformer, 16, c.dtype)
+    rank = 16 if how == "side branch" else 0
+    if rank:
+        lora.install_branches(c.transformer, rank, c.dtype)
     torch._dynamo.reset()
     compile_transformer(c, FastSettings(compile="1", compile_backend="flux_test_counting"))
-    state = lora.LoraState(c.transformer)
+    state = lora.LoraState(c.transformer, branch_rank=rank)
     low = lora.convert(
         write_lora(tmp_path / "r4.safetensors", make_lora(c.transformer, "peft", rank=4)), "r4", c.transformer
     )
@@ -300,24 +301,17 @@ def test_swapping_loras_and_strengths_never_compiles(tiny_weights, tmp_path, how
 
 
 def test_fp8_weights_refuse_a_merge_and_keep_the_base(tiny_weights, tmp_path):
-    """A quantized weight (a tensor subclass, as torchao's FP8 weights are) is never merged into."""
+    """Where the fast path made the weights FP8 without side branches, no LoRA is merged into them."""
     from flux.errors import EditError
-
-    class QuantizedStandIn(torch.Tensor):
-        pass
 
     t = load_components(tiny_weights).transformer
     a = lora.convert(write_lora(tmp_path / "a.safetensors", make_lora(t, "peft", seed=3)), "a", t)
     base = {k: v.clone() for k, v in t.state_dict().items()}
-    last = sorted(a.layers)[-1]
-    module = t.get_submodule(last)
-    module.weight = torch.nn.Parameter(
-        torch.Tensor._make_subclass(QuantizedStandIn, module.weight.data), requires_grad=False
-    )
-    state = lora.LoraState(t)
-    with pytest.raises(EditError, match="FLUX_FP8=off"):
+    state = lora.LoraState(t, fp8=True)
+    with pytest.raises(EditError, match="FP8-quantized weights"):
         state.apply([(a, 1.0)])
     assert all(torch.equal(base[k], v) for k, v in t.state_dict().items()) and state.originals == {}
+    state.apply([(a, 0.0)])  # no LoRA at all is served as ever
 
 
 def test_fit_rank_is_exact_within_the_rank_and_the_best_approximation_beyond():
@@ -364,10 +358,9 @@ def test_side_branch_applies_loras_without_touching_the_weights(tiny_weights, tm
     assert lora.install_branches(c.transformer, 16, c.dtype) == sum(
         isinstance(m, torch.nn.Linear) for m in c.transformer.modules()
     )
-    assert lora.branch_rank(c.transformer) == 16 and lora.branch_rank(merged_c.transformer) == 0
     assert torch.equal(edit(c, image, settings).latents, base)
     weights = {k: v.clone() for k, v in c.transformer.state_dict().items()}
-    state, merged = lora.LoraState(c.transformer), lora.LoraState(merged_c.transformer)
+    state, merged = lora.LoraState(c.transformer, branch_rank=16, fp8=True), lora.LoraState(merged_c.transformer)
     for wanted in ([(a, 1.0)], [(a, 0.5), (b, -1.0)]):
         state.apply(wanted)
         merged.apply(wanted)
@@ -386,7 +379,8 @@ def test_side_branch_applies_loras_without_touching_the_weights(tiny_weights, tm
 
 
 def test_a_predictor_with_the_side_branch_serves_loras(tiny_weights, tmp_path, monkeypatch):
-    """setup() installs the branch where FLUX_LORA_BRANCH_RANK asks (on a GPU: wherever FP8 is on)."""
+    """setup() installs the branch where FLUX_LORA_BRANCH_RANK asks (on a GPU: wherever FP8 is on), and
+    the LoRA state is told so."""
     from predict import Predictor
     from tests.conftest import image_bytes
     from tests.test_predict import DEFAULTS, CogPath
@@ -400,6 +394,7 @@ def test_a_predictor_with_the_side_branch_serves_loras(tiny_weights, tmp_path, m
     predictor = Predictor()
     predictor.setup()
     assert predictor.model.fast_path["lora_branch"].startswith("rank 8 on ")
+    assert predictor.model.loras.branch_rank == 8
     outputs = []
     with serve_tree(tmp_path / "site") as (url, _):
         for source in (None, f"{url}/peft.safetensors", None):

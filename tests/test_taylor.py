@@ -305,14 +305,14 @@ def test_adaptive_plan_keeps_within_its_call_ceiling():
 def test_adaptive_plan_in_the_loop(components):
     """Tolerance 0 computes every step and gives "none" bit for bit; a large one forecasts as far as
     allowed; calls never grow with the tolerance, and each call is counted on the model."""
-    from flux.lab.adaptive import AdaptivePlan
+    from flux.lab.adaptive import AdaptivePlan, overrides
 
     image = random_image(32, 32)
     none = _edit(components, image, _settings(acceleration="none")).latents
     calls = []
     for tolerance in (0.0, 0.01, 0.1, 1e9):
         plan = AdaptivePlan(28, tolerance)
-        lab = LabOverrides(condition_size=image.size, step_map=plan)
+        lab = overrides(plan, condition_size=image.size)
         counted, result = _count_calls(components, lambda p=lab: edit(components, image, _settings(), lab=p))
         assert counted == result.report.transformer_calls
         calls.append(counted)

@@ -12,16 +12,21 @@ With ``max_calls`` the plan never makes more transformer calls than that (a fixe
 it keeps the calls the last steps need, and spends the rest no faster than evenly over the steps
 left, so a hard edit forecasts further apart rather than running out of calls early.
 
-A quality-lab candidate (``LabOverrides(step_map=AdaptivePlan(...))``), measured against the fixed
-level maps by ``flux.lab.evaluate``'s schedule curve; not a product level unless that measurement
-says it beats them at equal calls.
+A quality-lab candidate (``overrides(AdaptivePlan(...))``), measured against the fixed level maps
+by ``flux.lab.evaluate``'s schedule curve; not a product level unless that measurement says it
+beats them at equal calls. It reaches the product's loop only through what the lab passes in: the
+plan is the loop's step map (read once per step, in order), and ``MeasuringCache`` wraps the cache
+to measure each forecast error before the cache records the computed prediction.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flux.edit import DEFAULT_N_DERIVATIVES
+import torch
+
+import taylor_utils
+from flux.edit import DEFAULT_N_DERIVATIVES, ForecastCache, LabOverrides
 
 
 @dataclass
@@ -33,10 +38,15 @@ class AdaptivePlan:
     max_skip: int = 3
     error_order: int = DEFAULT_N_DERIVATIVES + 1
     max_calls: int | None = None
-    measures_forecasts: bool = True
     next_computed: int = 0
     calls: int = 0
     errors: list[tuple[int, float]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __getitem__(self, step: int) -> bool:
+        return self.computes(step)
 
     def computes(self, step: int) -> bool:
         if step < self.edge or step >= self.num_steps - self.edge:
@@ -67,3 +77,37 @@ class AdaptivePlan:
         if self.max_calls is None:
             return None
         return self.max_calls - self.calls - self.edge
+
+
+class MeasuringCache:
+    """A cache that, before recording a computed prediction, tells the plan how far off its own
+    forecast of that step was (relative L2 error, at the distance from the step it last recorded).
+    Only forecasts from a step after which the plan still forecasts are measured."""
+
+    def __init__(self, inner: ForecastCache, plan: AdaptivePlan):
+        self.inner, self.plan, self.last = inner, plan, None
+
+    def reset(self) -> None:
+        self.inner.reset()
+        self.last = None
+
+    def update(self, prediction: torch.Tensor, position: float) -> None:
+        step = int(position)
+        if self.last is not None:
+            actual = prediction.float()
+            error = (self.inner.forecast(position) - actual).norm() / actual.norm()
+            self.plan.observe(step, float(error), step - self.last)
+        self.last = step if self.plan.forecasts_after(step) else None
+        self.inner.update(prediction, position)
+
+    def forecast(self, position: float) -> torch.Tensor:
+        return self.inner.forecast(position)
+
+    def nbytes(self) -> int:
+        return self.inner.nbytes()
+
+
+def overrides(plan: AdaptivePlan, cache: ForecastCache | None = None, **fields) -> LabOverrides:
+    """The lab overrides that run ``plan`` in the product's loop, with ``cache`` (default TaylorSeer) measured."""
+    inner = cache or taylor_utils.TaylorCache(n_derivatives=DEFAULT_N_DERIVATIVES)
+    return LabOverrides(cache=MeasuringCache(inner, plan), step_map=plan, **fields)

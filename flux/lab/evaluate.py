@@ -21,7 +21,7 @@ from PIL import Image
 
 import taylor_utils
 from flux.edit import EditSettings, LabOverrides, edit
-from flux.lab import benchmark, forecasters
+from flux.lab import adaptive, benchmark, forecasters
 from flux.lab.adaptive import AdaptivePlan
 from flux.lab.scenes import PROMPTS, SIDE, make_example
 from flux.loading import Components, load_components
@@ -133,11 +133,12 @@ def run_method(c: Components, image: Image.Image, prompt: str, seed: int, method
     step_map = options.pop("step_map", None)
     tolerance = options.pop("adaptive_tolerance", None)
     max_calls = options.pop("adaptive_max_calls", None)
-    if tolerance is not None:
-        step_map = AdaptivePlan(num_steps, tolerance, max_calls=max_calls)
     cache = forecasters.make_cache(c, num_steps, SIDE, SIDE, **options)
+    lab = LabOverrides(cache=cache, step_map=step_map)
+    if tolerance is not None:
+        lab = adaptive.overrides(AdaptivePlan(num_steps, tolerance, max_calls=max_calls), cache)
     settings = EditSettings(prompt, SIDE, SIDE, seed, num_steps=num_steps, acceleration=acceleration)
-    result = edit(c, image, settings, lab=LabOverrides(cache=cache, step_map=step_map))
+    result = edit(c, image, settings, lab=lab)
     return np.asarray(result.image), result.report.transformer_calls
 
 

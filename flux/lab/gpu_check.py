@@ -33,7 +33,7 @@ from flux.device import dtype_for, release_memory, synchronize
 from flux.fast import FastSettings, compile_transformer, optimize, quantize_fp8, warm_up_sizes
 from flux.lab.benchmark import SIZES, input_image, psnr, run_project
 from flux.lab.tiny import random_components
-from flux.pipeline import Model, warm_up
+from flux.pipeline import Model, lora_state, warm_up
 
 STEPS = 28
 COLD_START_IF_UNDER_S = 360  # elapsed seconds after which the cold-start process is left out
@@ -88,16 +88,16 @@ def _reference_case(c, image, size: int, say) -> dict:
     return figures
 
 
-def _lora_case(c, image, size: int, say, mode: str) -> dict:
+def _lora_case(c, image, size: int, say, state: lora.LoraState) -> dict:
     """Two LoRAs (fal Kontext layout at full size, rank 16; peft layout, rank 32) applied (merged, or in
     the side branch beside FP8), swapped and removed: seconds of each step and of a "go fast" edit with
     and without a LoRA, under the compiled graph."""
     from flux.lab.loras import make_lora, write_lora
 
     figures: dict = {}
+    how = "side branch" if state.branch_rank else "merged"
     folder = Path(tempfile.mkdtemp(prefix="gpu-check-lora-"))
     try:
-        state = lora.LoraState(c.transformer)
         loaded = []
         config = c.transformer.config
         real_layout = (config.num_layers, config.num_single_layers, config.attention_head_dim) == (19, 38, 128)
@@ -120,11 +120,11 @@ def _lora_case(c, image, size: int, say, mode: str) -> dict:
         synchronize(c.device)
         figures["restore_seconds"] = time.perf_counter() - start
         figures["edit_after_restore_seconds"] = _edit(c, image, (size, size), "go fast")["seconds_per_edit"]
-        say(f"{mode} / LoRA: merge {figures['merge_first_seconds']:.2f}s, swap {figures['swap_seconds']:.2f}s, "
+        say(f"LoRA ({how}): merge {figures['merge_first_seconds']:.2f}s, swap {figures['swap_seconds']:.2f}s, "
             f"edit {figures['edit_with_lora_seconds']:.2f}s with, {figures['edit_without_lora_seconds']:.2f}s without")  # fmt: skip
     except Exception as exc:  # recorded, not fatal: the other figures are still worth having
         figures["error"] = f"{type(exc).__name__}: {exc}"
-        say(f"{mode} / LoRA: {figures['error']}")
+        say(f"LoRA ({how}): {figures['error']}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return figures
@@ -206,6 +206,7 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
         return {
             "fp8": fp8,
             "lora_branch": f"rank {rank} on {layers} linear layers",
+            "lora_branch_rank": rank,
             **compile_transformer(c, FastSettings(**{**compiling.__dict__, "compile_shapes": "dynamic"})),
         }
 
@@ -235,7 +236,7 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
             if mode == "compiled":
                 modes[mode]["references"] = _reference_case(c, image, size, say)
             if mode in ("compiled", "compiled+fp8"):
-                modes[mode]["lora"] = _lora_case(c, image, size, say, mode)
+                modes[mode]["lora"] = _lora_case(c, image, size, say, lora_state(c, applied))
         except Exception as exc:  # record and go on: the other modes are still worth measuring
             modes.setdefault(mode, {})["error"] = f"{type(exc).__name__}: {exc}"
             say(f"{mode} failed:\n{traceback.format_exc()}")
