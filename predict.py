@@ -13,14 +13,21 @@ from cog import BaseRunner, Input, Path, Secret
 
 import taylor_utils
 from flux import settings, sizes
-from flux.device import release_memory
-from flux.edit import MAX_SEED, MULTI_IMAGE_MODES, base_side
+from flux.edit import (
+    DEFAULT_ACCELERATION,
+    DEFAULT_GUIDANCE,
+    DEFAULT_MULTI_IMAGE_MODE,
+    DEFAULT_STEPS,
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MIN_GUIDANCE,
+    MULTI_IMAGE_MODES,
+)
 from flux.errors import InputError
-from flux.fast import warm_up_sizes
 from flux.images import OUTPUT_FORMATS, save_image
 from flux.lora_sources import MAX_SOURCE_CHARS, MAX_STRENGTH, MIN_STRENGTH, LoraTokens, clean_partials, lora_requests
 from flux.outputs import new_output_path
-from flux.pipeline import MAX_PROMPT_CHARS, Model, load_model, run_edit, warm_up
+from flux.pipeline import MAX_PROMPT_CHARS, Model, load_model, run_edit
 
 
 class Predictor(BaseRunner):
@@ -30,8 +37,6 @@ class Predictor(BaseRunner):
         weights_dir = settings.get("WEIGHTS_DIR")
         clean_partials()  # a worker killed mid-download leaves its partial file behind
         self.model: Model = load_model(weights_dir)
-        if "compile" in self.model.fast_path:  # compile the graph(s) now, not in the first request
-            warm_up(self.model, warm_up_sizes(base_side(self.model.components)))
         phases = ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.model.seconds.items())
         print(f"setup: {phases} ({weights_dir} on {self.model.components.device}; fast path {self.model.fast_path})")
 
@@ -47,9 +52,14 @@ class Predictor(BaseRunner):
             default=sizes.MATCH_INPUT,
         ),
         num_inference_steps: int = Input(
-            description="Number of denoising steps", ge=taylor_utils.MIN_STEPS, le=taylor_utils.MAX_STEPS, default=28
+            description="Number of denoising steps",
+            ge=taylor_utils.MIN_STEPS,
+            le=taylor_utils.MAX_STEPS,
+            default=DEFAULT_STEPS,
         ),
-        guidance: float = Input(description="How closely to follow the prompt", ge=0.0, le=10.0, default=2.5),
+        guidance: float = Input(
+            description="How closely to follow the prompt", ge=MIN_GUIDANCE, le=MAX_GUIDANCE, default=DEFAULT_GUIDANCE
+        ),
         seed: int | None = Input(
             description=f"Random seed, 0 to {MAX_SEED}; leave blank for a random one (0 is a seed)",
             ge=0,
@@ -59,7 +69,7 @@ class Predictor(BaseRunner):
         acceleration: str = Input(
             description="Speed-up by TaylorSeer forecasting of skipped transformer steps",
             choices=list(taylor_utils.ACCELERATION_LEVELS),
-            default="go fast",
+            default=DEFAULT_ACCELERATION,
         ),
         output_format: str = Input(
             description="Format of the output image", choices=list(OUTPUT_FORMATS), default="webp"
@@ -92,7 +102,7 @@ class Predictor(BaseRunner):
             description="How reference images join the input image: offset (placed beside or below it), "
             "stitch (joined side by side into one image), index (each in a layer of its own)",
             choices=list(MULTI_IMAGE_MODES),
-            default="offset",
+            default=DEFAULT_MULTI_IMAGE_MODE,
         ),
         hf_api_token: Secret | None = Input(
             description="Your Hugging Face token, for a LoRA in a gated or private repo; sent to huggingface.co only",
@@ -110,14 +120,11 @@ class Predictor(BaseRunner):
             (extra_lora_weights, extra_lora_strength, "extra_lora_weights"),
         )
         tokens = LoraTokens.for_request(_secret(hf_api_token), _secret(civitai_api_token))
-        try:
-            result = run_edit(
-                self.model, image_file, prompt, aspect_ratio=aspect_ratio, num_steps=num_inference_steps,
-                guidance=guidance, seed=seed, acceleration=acceleration, check_safety=not disable_safety_checker,
-                loras=loras, references=reference_files, multi_image_mode=multi_image_mode, lora_tokens=tokens,
-            )  # fmt: skip
-        finally:
-            release_memory(self.model.components.device)
+        result = run_edit(
+            self.model, image_file, prompt, aspect_ratio=aspect_ratio, num_steps=num_inference_steps,
+            guidance=guidance, seed=seed, acceleration=acceleration, check_safety=not disable_safety_checker,
+            loras=loras, references=reference_files, multi_image_mode=multi_image_mode, lora_tokens=tokens,
+        )  # fmt: skip
         report = result.report
         print(report.summary())
         self.record_metric("seed", report.seed)

@@ -9,7 +9,15 @@ import time
 from pathlib import Path
 
 from flux import sizes, weights
-from flux.edit import MAX_SEED, MULTI_IMAGE_MODES
+from flux.edit import (
+    DEFAULT_ACCELERATION,
+    DEFAULT_GUIDANCE,
+    DEFAULT_MULTI_IMAGE_MODE,
+    DEFAULT_STEPS,
+    MAX_SEED,
+    MULTI_IMAGE_MODES,
+    check_seed,
+)
 from flux.errors import EditError, InputError
 
 TINY_DIR = weights.PROJECT_ROOT / ".cache" / "tiny-weights"
@@ -55,10 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt", required=True, help="the edit instruction")
     e.add_argument("--out", required=True, type=Path, help="output file; its extension picks the format")
     e.add_argument("--aspect-ratio", default=sizes.MATCH_INPUT, choices=sizes.ASPECT_RATIO_CHOICES)
-    e.add_argument("--steps", type=int, default=28, help="denoising steps, 4 to 50")
-    e.add_argument("--guidance", type=float, default=2.5)
+    e.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps, 4 to 50")
+    e.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     e.add_argument("--seed", type=_seed, default=None, help=f"0 to {MAX_SEED}; random when omitted (0 is a seed)")
-    e.add_argument("--acceleration", default="go fast", choices=taylor_utils.ACCELERATION_LEVELS)
+    e.add_argument("--acceleration", default=DEFAULT_ACCELERATION, choices=taylor_utils.ACCELERATION_LEVELS)
     e.add_argument("--quality", type=int, default=95, help="webp/jpg quality, 0 to 100")
     e.add_argument("--no-safety-checker", action="store_true")
     e.add_argument(
@@ -68,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--extra-lora", help="a second LoRA, the same sources")
     e.add_argument("--extra-lora-strength", type=float, default=1.0)
     e.add_argument("--reference", action="append", type=Path, default=[], help="a reference image (up to 3; repeat)")
-    e.add_argument("--multi-image-mode", default="offset", choices=MULTI_IMAGE_MODES)
+    e.add_argument("--multi-image-mode", default=DEFAULT_MULTI_IMAGE_MODE, choices=MULTI_IMAGE_MODES)
     return parser
 
 
@@ -82,10 +90,11 @@ def _loras(args: argparse.Namespace) -> list:
 
 
 def _seed(text: str) -> int:
-    seed = int(text)
-    if not 0 <= seed <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}; got {seed}")
-    return seed
+    """The seed, checked by the edit's own rule before the model is loaded."""
+    try:
+        return check_seed(int(text))
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _format_for(path: Path) -> str:
@@ -110,7 +119,7 @@ def edit_command(args: argparse.Namespace) -> int:
     else:
         weights_dir = args.weights
     start = time.perf_counter()
-    model = load_model(weights_dir, with_safety=not args.no_safety_checker)
+    model = load_model(weights_dir, with_safety=not args.no_safety_checker, warm=False)
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in model.seconds.items())
     print(f"load: {time.perf_counter() - start:.2f}s ({phases}; {weights_dir})", file=sys.stderr)
     bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr)

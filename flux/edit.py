@@ -29,9 +29,12 @@ from flux.loading import Components
 log = logging.getLogger(__name__)
 
 T5_MAX_TOKENS = 512
+# a request's defaults and bounds, for the Cog inputs, the command line and the pipeline alike
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 2.5
+MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 10.0
 DEFAULT_ACCELERATION = "go fast"
+DEFAULT_MULTI_IMAGE_MODE = "offset"
 # Two derivative terms: the smallest order that follows the curvature of the trajectory, which
 # is what TaylorSeer adds over linear extrapolation (see README, "Acceleration").
 DEFAULT_N_DERIVATIVES = 2
@@ -49,9 +52,16 @@ def clean_prompt(prompt: str) -> str:
     return "".join(kept).strip()
 
 
+def check_seed(seed: int) -> int:
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be between 0 and {MAX_SEED}, or left blank for a random one; got {seed}")
+    return seed
+
+
 @dataclass
 class EditSettings:
-    """What a request can ask for. The prompt is stored cleaned (``clean_prompt``)."""
+    """What a request can ask for, checked when made (InputError). The prompt is stored cleaned
+    (``clean_prompt``)."""
 
     prompt: str
     width: int
@@ -60,10 +70,31 @@ class EditSettings:
     num_steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     acceleration: str = DEFAULT_ACCELERATION
-    multi_image_mode: str = "offset"
+    multi_image_mode: str = DEFAULT_MULTI_IMAGE_MODE
 
     def __post_init__(self) -> None:
         self.prompt = clean_prompt(self.prompt or "")
+        if not self.prompt:
+            raise InputError(
+                "prompt is empty (control characters and spaces do not count); say what to change in the image"
+            )
+        check_seed(self.seed)
+        _check_choice("multi_image_mode", self.multi_image_mode, MULTI_IMAGE_MODES)
+        _check_choice("acceleration", self.acceleration, taylor_utils.ACCELERATION_LEVELS)
+        _check_range("num_inference_steps", self.num_steps, taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS)
+        _check_range("guidance", self.guidance, MIN_GUIDANCE, MAX_GUIDANCE)
+        if self.width % sizes.MULTIPLE or self.height % sizes.MULTIPLE:
+            raise InputError(f"width and height must be multiples of {sizes.MULTIPLE}; got {self.width}x{self.height}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InputError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise InputError(f"{name} must be between {low:g} and {high:g}; got {value:g}")
 
 
 class ForecastCache(Protocol):
@@ -145,27 +176,33 @@ class _Timer:
         self.into[self.name] = self.into.get(self.name, 0.0) + time.perf_counter() - self.start
 
 
-def base_side(c: Components) -> int:
+def base_side(components: Components) -> int:
     """The model's native image side (its VAE's sample_size): 1024 for FLUX.1 Kontext."""
-    side = c.vae.config.get("sample_size", sizes.BASE_SIDE)
+    side = components.vae.config.get("sample_size", sizes.BASE_SIDE)
     return int(side[0] if isinstance(side, list | tuple) else side)
 
 
-def encode_prompt(c: Components, prompt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_prompt(components: Components, prompt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(T5 embeddings (1, 512, D), CLIP pooled (1, P), text ids (512, 3))."""
-    clip = c.tokenizer(
-        [prompt], padding="max_length", max_length=c.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    clip = components.tokenizer(
+        [prompt],
+        padding="max_length",
+        max_length=components.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     )
-    pooled = c.text_encoder(clip.input_ids.to(c.device), output_hidden_states=False).pooler_output
+    pooled = components.text_encoder(clip.input_ids.to(components.device), output_hidden_states=False).pooler_output
     # 512 for the real model; a small model's tokenizer may declare fewer
-    max_tokens = min(T5_MAX_TOKENS, c.tokenizer_2.model_max_length)
-    t5 = c.tokenizer_2([prompt], padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt")
-    full_length = len(c.tokenizer_2(prompt).input_ids)
+    max_tokens = min(T5_MAX_TOKENS, components.tokenizer_2.model_max_length)
+    t5 = components.tokenizer_2(
+        [prompt], padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt"
+    )
+    full_length = len(components.tokenizer_2(prompt).input_ids)
     if full_length > max_tokens:
         log.warning("prompt is %d tokens long; only the first %d are used", full_length, max_tokens)
-    embeds = c.text_encoder_2(t5.input_ids.to(c.device), output_hidden_states=False)[0]
-    text_ids = torch.zeros(embeds.shape[1], 3, device=c.device, dtype=c.dtype)
-    return embeds.to(c.dtype), pooled.to(c.dtype), text_ids
+    embeds = components.text_encoder_2(t5.input_ids.to(components.device), output_hidden_states=False)[0]
+    text_ids = torch.zeros(embeds.shape[1], 3, device=components.device, dtype=components.dtype)
+    return embeds.to(components.dtype), pooled.to(components.dtype), text_ids
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -195,15 +232,15 @@ def position_ids(
 
 
 def encode_image(
-    c: Components, image: Image.Image, first: float = 1.0, offset: tuple[int, int] = (0, 0)
+    components: Components, image: Image.Image, first: float = 1.0, offset: tuple[int, int] = (0, 0)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Conditioning image (already at its size) -> packed latents (1, M, 64) and ids (M, 3) with
     first coordinate ``first`` (1 for the input image), placed at ``offset`` tokens."""
-    pixels = images.to_tensor(image).to(device=c.device, dtype=c.dtype)
-    latent = c.vae.encode(pixels).latent_dist.mode()
-    latent = (latent - c.vae.config.shift_factor) * c.vae.config.scaling_factor
+    pixels = images.to_tensor(image).to(device=components.device, dtype=components.dtype)
+    latent = components.vae.encode(pixels).latent_dist.mode()
+    latent = (latent - components.vae.config.shift_factor) * components.vae.config.scaling_factor
     _, _, h, w = latent.shape
-    return pack(latent), position_ids(h // 2, w // 2, first, c.device, c.dtype, offset)
+    return pack(latent), position_ids(h // 2, w // 2, first, components.device, components.dtype, offset)
 
 
 def offset_placements(grids: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -219,7 +256,7 @@ def offset_placements(grids: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def encode_conditioning(
-    c: Components,
+    components: Components,
     image: Image.Image,
     references: list[Image.Image],
     mode: str,
@@ -232,32 +269,34 @@ def encode_conditioning(
     with first coordinate k + 1; "stitch": everything joined side by side into one image."""
     first = images.resize(image, *condition_size)
     if not references:
-        return encode_image(c, first)
-    base = base or base_side(c)
+        return encode_image(components, first)
+    base = base or base_side(components)
     parts = [first] + [images.resize(r, *sizes.reference_size(*r.size, len(references), base)) for r in references]
     if mode == "stitch":
-        return encode_image(c, images.stitch(parts, sizes.stitched_size([p.size for p in parts], base)))
+        return encode_image(components, images.stitch(parts, sizes.stitched_size([p.size for p in parts], base)))
     if mode == "index":
-        encoded = [encode_image(c, part, first=1.0 + k) for k, part in enumerate(parts)]
+        encoded = [encode_image(components, part, first=1.0 + k) for k, part in enumerate(parts)]
     else:
         grids = [(p.height // sizes.MULTIPLE, p.width // sizes.MULTIPLE) for p in parts]
-        encoded = [encode_image(c, part, 1.0, at) for part, at in zip(parts, offset_placements(grids), strict=True)]
+        encoded = [
+            encode_image(components, part, 1.0, at) for part, at in zip(parts, offset_placements(grids), strict=True)
+        ]
     return torch.cat([latents for latents, _ in encoded], dim=1), torch.cat([ids for _, ids in encoded], dim=0)
 
 
-def initial_noise(c: Components, seed: int, width: int, height: int) -> torch.Tensor:
+def initial_noise(components: Components, seed: int, width: int, height: int) -> torch.Tensor:
     """Packed noise from a seeded CPU generator: the same seed gives the same noise on every device."""
-    channels = c.transformer.config.in_channels // 4
+    channels = components.transformer.config.in_channels // 4
     shape = (1, channels, height // 8, width // 8)
     noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
-    return pack(noise).to(device=c.device, dtype=c.dtype)
+    return pack(noise).to(device=components.device, dtype=components.dtype)
 
 
-def decode(c: Components, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+def decode(components: Components, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Packed latents -> decoded image tensor (1, 3, H, W) in about [-1, 1]."""
     latent = unpack(latents, height, width)
-    latent = latent / c.vae.config.scaling_factor + c.vae.config.shift_factor
-    return c.vae.decode(latent, return_dict=False)[0]
+    latent = latent / components.vae.config.scaling_factor + components.vae.config.shift_factor
+    return components.vae.decode(latent, return_dict=False)[0]
 
 
 @dataclass
@@ -275,25 +314,25 @@ class LoopInputs:
 
 
 def prepare(
-    c: Components, image: Image.Image, settings: EditSettings, references: list[Image.Image], lab: LabOverrides
+    components: Components, image: Image.Image, settings: EditSettings, references: list[Image.Image], lab: LabOverrides
 ) -> LoopInputs:
     """Encode the prompt and the conditioning images, draw the noise, lay out the positions and the sigmas."""
-    prompt_embeds, pooled, text_ids = encode_prompt(c, settings.prompt)
-    condition_size = lab.condition_size or sizes.conditioning_size(*image.size, base_side(c))
+    prompt_embeds, pooled, text_ids = encode_prompt(components, settings.prompt)
+    condition_size = lab.condition_size or sizes.conditioning_size(*image.size, base_side(components))
     image_latents, image_ids = encode_conditioning(
-        c, image, references, settings.multi_image_mode, condition_size, lab.reference_base
+        components, image, references, settings.multi_image_mode, condition_size, lab.reference_base
     )
-    latents = initial_noise(c, settings.seed, settings.width, settings.height)
+    latents = initial_noise(components, settings.seed, settings.width, settings.height)
     rows, columns = settings.height // sizes.MULTIPLE, settings.width // sizes.MULTIPLE
-    ids = torch.cat([position_ids(rows, columns, 0.0, c.device, c.dtype), image_ids], dim=0)
+    ids = torch.cat([position_ids(rows, columns, 0.0, components.device, components.dtype), image_ids], dim=0)
     guidance = None
-    if c.transformer.config.guidance_embeds:
-        guidance = torch.full([1], settings.guidance, device=c.device, dtype=torch.float32)
-    sigmas = schedule.sigmas_for(c.scheduler, settings.num_steps, latents.shape[1])
+    if components.transformer.config.guidance_embeds:
+        guidance = torch.full([1], settings.guidance, device=components.device, dtype=torch.float32)
+    sigmas = schedule.sigmas_for(components.scheduler, settings.num_steps, latents.shape[1])
     return LoopInputs(latents, image_latents, ids, prompt_embeds, pooled, text_ids, sigmas, guidance)
 
 
-def transformer_prediction(c: Components, inputs: LoopInputs) -> Callable[[torch.Tensor, int], torch.Tensor]:
+def transformer_prediction(components: Components, inputs: LoopInputs) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """The transformer as the loop sees it: (latents, step) -> the target tokens' prediction.
     Only the target tokens are used and cached: the forecast is elementwise, so caching the
     conditioning tokens too (as the public reference does) changes no target value."""
@@ -301,8 +340,8 @@ def transformer_prediction(c: Components, inputs: LoopInputs) -> Callable[[torch
     def predict(latents: torch.Tensor, step: int) -> torch.Tensor:
         # diffusers passes the scheduler's timestep (sigma * 1000) cast to the latents' dtype and
         # divides it by 1000 again; the same round trip keeps the loop bit for bit with its pipeline
-        t = (inputs.sigmas[step] * 1000.0).to(c.device).expand(latents.shape[0]).to(latents.dtype)
-        output = c.transformer(
+        t = (inputs.sigmas[step] * 1000.0).to(components.device).expand(latents.shape[0]).to(latents.dtype)
+        output = components.transformer(
             hidden_states=torch.cat([latents, inputs.image_latents], dim=1),
             timestep=t / 1000,
             guidance=None if inputs.guidance is None else inputs.guidance.expand(latents.shape[0]),
@@ -349,38 +388,6 @@ def denoise(
     return latents
 
 
-def check_reference_count(count: int) -> None:
-    if count > sizes.MAX_REFERENCES:
-        raise InputError(f"at most {sizes.MAX_REFERENCES} reference_images are accepted; got {count}")
-
-
-def check_settings(settings: EditSettings, references: list[Image.Image] | None = None) -> None:
-    check_reference_count(len(references or []))
-    if not settings.prompt:
-        raise InputError(
-            "prompt is empty (control characters and spaces do not count); say what to change in the image"
-        )
-    if settings.multi_image_mode not in MULTI_IMAGE_MODES:
-        raise InputError(
-            f"multi_image_mode must be one of {', '.join(MULTI_IMAGE_MODES)}; got {settings.multi_image_mode!r}"
-        )
-    if not 0 <= settings.seed <= MAX_SEED:
-        raise InputError(f"seed must be between 0 and {MAX_SEED}, or left blank for a random one; got {settings.seed}")
-    if not taylor_utils.MIN_STEPS <= settings.num_steps <= taylor_utils.MAX_STEPS:
-        raise InputError(
-            f"num_inference_steps must be between {taylor_utils.MIN_STEPS} and {taylor_utils.MAX_STEPS}; "
-            f"got {settings.num_steps}"
-        )
-    if settings.acceleration not in taylor_utils.ACCELERATION_LEVELS:
-        raise InputError(
-            f"acceleration must be one of {', '.join(taylor_utils.ACCELERATION_LEVELS)}; got {settings.acceleration!r}"
-        )
-    if settings.width % sizes.MULTIPLE or settings.height % sizes.MULTIPLE:
-        raise InputError(
-            f"width and height must be multiples of {sizes.MULTIPLE}; got {settings.width}x{settings.height}"
-        )
-
-
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
     if not torch.isfinite(tensor).all():
         raise EditError(f"the {what} contain NaN or infinite values; no image was produced. Try another seed.")
@@ -388,7 +395,7 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
 
 @torch.inference_mode()
 def edit(
-    c: Components,
+    components: Components,
     image: Image.Image,
     settings: EditSettings,
     on_step: StepCallback | None = None,
@@ -397,7 +404,6 @@ def edit(
 ) -> EditResult:
     """Run one edit. ``image`` and ``references`` are RGB images (see ``images.load_image``)."""
     references = references or []
-    check_settings(settings, references)
     lab = lab or LabOverrides()
     report = EditReport(seed=settings.seed, acceleration=settings.acceleration, num_steps=settings.num_steps)
     seconds = report.seconds
@@ -407,19 +413,25 @@ def edit(
     if len(step_map) != settings.num_steps:
         raise ValueError(f"a step map needs {settings.num_steps} entries; got {len(step_map)}")
     try:
-        with _Timer(c.device, seconds, "encode"):
-            inputs = prepare(c, image, settings, references, lab)
-        with _Timer(c.device, seconds, "denoise"):
+        with _Timer(components.device, seconds, "encode"):
+            inputs = prepare(components, image, settings, references, lab)
+        with _Timer(components.device, seconds, "denoise"):
             latents = denoise(
-                transformer_prediction(c, inputs), inputs.latents, inputs.sigmas, step_map, cache, report, on_step
+                transformer_prediction(components, inputs),
+                inputs.latents,
+                inputs.sigmas,
+                step_map,
+                cache,
+                report,
+                on_step,
             )
         _check_finite(latents, "final latents")
-        with _Timer(c.device, seconds, "decode"):
-            decoded = decode(c, latents, settings.width, settings.height)
+        with _Timer(components.device, seconds, "decode"):
+            decoded = decode(components, latents, settings.width, settings.height)
         _check_finite(decoded, "decoded image")
     except torch.OutOfMemoryError:
         cache.reset()
-        release_memory(c.device)
+        release_memory(components.device)
         raise EditError(
             "out of GPU memory during the edit; the memory was released. Try a smaller image or fewer steps."
         ) from None

@@ -35,9 +35,12 @@ from pathlib import Path
 
 import torch
 
-from flux import settings, sizes
+from flux import sizes
 from flux.loading import Components
 from flux.lora import install_branches
+from flux.settings import default as setting_default
+from flux.settings import default_for_library
+from flux.settings import get as setting
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ _FIELDS = ("compile", "compile_backend", "compile_shapes", "compile_mode", "fp8"
 
 
 def _default(name: str) -> str:
-    return settings.default(f"FLUX_{name.upper()}")
+    return setting_default(f"FLUX_{name.upper()}")
 
 
 @dataclass
@@ -73,7 +76,7 @@ class FastSettings:
 
     @classmethod
     def from_env(cls) -> FastSettings:
-        chosen = cls(**{name: settings.get(f"FLUX_{name.upper()}") for name in _FIELDS})
+        chosen = cls(**{name: setting(f"FLUX_{name.upper()}") for name in _FIELDS})
         if chosen.lora_branch_rank != "auto" and not chosen.lora_branch_rank.isdigit():
             raise ValueError(f"FLUX_LORA_BRANCH_RANK must be auto or a whole number; got {chosen.lora_branch_rank!r}")
         if chosen.compile_shapes not in SHAPE_POLICIES:
@@ -108,16 +111,16 @@ def _wants_fp8(settings: FastSettings, device: torch.device) -> bool:
     return settings.fp8.lower() not in _OFF
 
 
-def set_attention_backend(c: Components, choice: str) -> str:
+def set_attention_backend(components: Components, choice: str) -> str:
     """The first attention backend in order of preference that diffusers accepts here (its kernels installed)."""
     candidates = ATTENTION_PREFERENCE if choice == "auto" else (choice,)
     for name in candidates:
         try:
-            c.transformer.set_attention_backend(name)
+            components.transformer.set_attention_backend(name)
             return name
         except Exception as exc:  # a backend whose kernels are not installed says so by raising
             log.info("attention backend %s unavailable: %s", name, exc)
-    c.transformer.reset_attention_backend()
+    components.transformer.reset_attention_backend()
     return "native"
 
 
@@ -131,14 +134,14 @@ def quantize_fp8(transformer: torch.nn.Module) -> None:
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
 
 
-def compile_transformer(c: Components, settings: FastSettings) -> dict[str, object]:
+def compile_transformer(components: Components, settings: FastSettings) -> dict[str, object]:
     """torch.compile the transformer in place under the shape policy; returns what was applied."""
     applied: dict[str, object] = {"compile": settings.compile_backend, "compile_shapes": settings.compile_shapes}
     options: dict[str, object] = {}
     if settings.compile_backend == "inductor":
         cache = Path(settings.compile_cache).resolve()
         cache.mkdir(parents=True, exist_ok=True)
-        settings.default_for_library("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        default_for_library("TORCHINDUCTOR_CACHE_DIR", str(cache))
         import torch._inductor.config as inductor_config
 
         inductor_config.fx_graph_cache = True
@@ -148,39 +151,39 @@ def compile_transformer(c: Components, settings: FastSettings) -> dict[str, obje
     # dynamic=True: sizes are symbolic from the first trace (no specialise-then-recompile on the
     # second size, as dynamo's automatic dynamic shapes would do in a request)
     dynamic = settings.compile_shapes == "dynamic"
-    c.transformer.compile(backend=settings.compile_backend, fullgraph=False, dynamic=dynamic, **options)
+    components.transformer.compile(backend=settings.compile_backend, fullgraph=False, dynamic=dynamic, **options)
     return applied
 
 
-def optimize(c: Components, settings: FastSettings | None = None) -> dict[str, object]:
+def optimize(components: Components, settings: FastSettings | None = None) -> dict[str, object]:
     """Apply the fast path in place; returns what was applied (empty where nothing applies), with
     the decisions LoRAs depend on: ``fp8`` (True when the weights are FP8) and ``lora_branch_rank``."""
     settings = settings or FastSettings.from_env()
     applied: dict[str, object] = {}
-    if c.device.type == "cuda":
-        applied.update(_cuda_only(c, settings))
+    if components.device.type == "cuda":
+        applied.update(_cuda_only(components, settings))
     else:
-        log.info("fast path: FP8, attention backends and channels_last are CUDA only; off on %s", c.device)
+        log.info("fast path: FP8, attention backends and channels_last are CUDA only; off on %s", components.device)
     rank = settings.branch_rank(applied.get("fp8") is True)
     if rank:
-        layers = install_branches(c.transformer, rank, c.dtype)
+        layers = install_branches(components.transformer, rank, components.dtype)
         applied["lora_branch"] = f"rank {rank} on {layers} linear layers"
         applied["lora_branch_rank"] = rank
-    if settings.compiles_on(c.device):
-        applied.update(compile_transformer(c, settings))
+    if settings.compiles_on(components.device):
+        applied.update(compile_transformer(components, settings))
     return applied
 
 
-def _cuda_only(c: Components, settings: FastSettings) -> dict[str, object]:
+def _cuda_only(components: Components, settings: FastSettings) -> dict[str, object]:
     applied: dict[str, object] = {}
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    applied["attention"] = set_attention_backend(c, settings.attention)
-    c.vae.to(memory_format=torch.channels_last)
+    applied["attention"] = set_attention_backend(components, settings.attention)
+    components.vae.to(memory_format=torch.channels_last)
     applied["vae_channels_last"] = True
-    if _wants_fp8(settings, c.device):
+    if _wants_fp8(settings, components.device):
         try:
-            quantize_fp8(c.transformer)
+            quantize_fp8(components.transformer)
             applied["fp8"] = True
         except RuntimeError as exc:
             if settings.fp8 != "auto":

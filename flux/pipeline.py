@@ -12,18 +12,21 @@ from pathlib import Path
 from PIL import Image
 
 from flux import images, settings, sizes, weights
+from flux.device import release_memory
 from flux.edit import (
+    DEFAULT_ACCELERATION,
+    DEFAULT_GUIDANCE,
+    DEFAULT_MULTI_IMAGE_MODE,
+    DEFAULT_STEPS,
     MAX_SEED,
     EditResult,
     EditSettings,
     StepCallback,
     base_side,
-    check_reference_count,
-    check_settings,
     edit,
 )
 from flux.errors import EditError, InputError
-from flux.fast import optimize
+from flux.fast import optimize, warm_up_sizes
 from flux.fetch import FetchReport, fetch
 from flux.loading import Components, load_components
 from flux.lora import LoraState
@@ -76,9 +79,10 @@ def fetch_missing_weights(weights_dir: str | Path) -> FetchReport | None:
     return report
 
 
-def load_model(weights_dir: str | Path, with_safety: bool = True, fast: bool = True) -> Model:
+def load_model(weights_dir: str | Path, with_safety: bool = True, fast: bool = True, warm: bool = True) -> Model:
     """Fetch missing weights if a source is set, verify the tree against its manifest (fails listing
-    what is missing), load it, apply the fast path."""
+    what is missing), load it, apply the fast path; where that compiled the transformer and ``warm``,
+    compile its graph now (``warm_up``) rather than in the first request."""
     start = time.perf_counter()
     fetched = fetch_missing_weights(weights_dir)
     seconds = {"fetch": time.perf_counter() - start} if fetched else {}
@@ -95,6 +99,8 @@ def load_model(weights_dir: str | Path, with_safety: bool = True, fast: bool = T
         model.fast_path = optimize(components)
         model.loras = lora_state(components, model.fast_path)
         seconds["fast_path"] = time.perf_counter() - start
+        if warm and "compile" in model.fast_path:
+            warm_up(model, warm_up_sizes(base_side(components)))
     return model
 
 
@@ -142,7 +148,8 @@ def use_loras(
 
 def check_request(prompt: str, references: list) -> None:
     """The checks that cost nothing, made before any input is decoded."""
-    check_reference_count(len(references))
+    if len(references) > sizes.MAX_REFERENCES:
+        raise InputError(f"at most {sizes.MAX_REFERENCES} reference_images are accepted; got {len(references)}")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InputError(f"prompt is longer than {MAX_PROMPT_CHARS} characters; got {len(prompt)}")
 
@@ -156,41 +163,51 @@ def run_edit(
     image_source: str | Path | bytes,
     prompt: str,
     aspect_ratio: str = sizes.MATCH_INPUT,
-    num_steps: int = 28,
-    guidance: float = 2.5,
+    num_steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
     seed: int | None = None,
-    acceleration: str = "go fast",
+    acceleration: str = DEFAULT_ACCELERATION,
     check_safety: bool = True,
     on_step: StepCallback | None = None,
     loras: list[LoraRequest] | None = None,
     references: list[str | Path | bytes] | None = None,
-    multi_image_mode: str = "offset",
+    multi_image_mode: str = DEFAULT_MULTI_IMAGE_MODE,
     lora_tokens: LoraTokens = NO_TOKENS,
 ) -> EditResult:
     """One edit from an image file (or its bytes); a seed of None draws a random one, 0 is a seed.
-    Seeds run from 0 to MAX_SEED; each gives its own noise. ``references``: up to 3 more images."""
-    check_request(prompt, references or [])  # before any image is decoded
-    image = images.load_image(image_source)
-    reference_images = [images.load_image(r, f"reference_images[{i}]") for i, r in enumerate(references or [])]
-    width, height = sizes.output_size(aspect_ratio, *image.size, base_side(model.components))
-    seed = new_seed() if seed is None else int(seed)
-    settings = EditSettings(
-        prompt=prompt, width=width, height=height, seed=seed, num_steps=num_steps, guidance=guidance,
-        acceleration=acceleration, multi_image_mode=multi_image_mode,
-    )  # fmt: skip
-    check_settings(settings, reference_images)  # before any LoRA is fetched
-    lora_report, lora_seconds = use_loras(model, loras or [], lora_tokens)
-    log.info("seed %d, %dx%d output, acceleration %r, %d steps", seed, width, height, acceleration, num_steps)
-    result = edit(model.components, image, settings, on_step=on_step, references=reference_images)
-    result.report.loras = lora_report
-    result.report.seconds.update(lora_seconds)
-    if check_safety and model.safety is not None:
-        start = time.perf_counter()
-        flagged = is_flagged(model.safety, result.image)
-        result.report.seconds["safety"] = time.perf_counter() - start
-        if flagged:
-            raise EditError(
-                "the safety checker flagged the edited image as possibly not safe for work, so it is not returned. "
-                "Try a different prompt or seed."
-            )
-    return result
+    Seeds run from 0 to MAX_SEED; each gives its own noise. ``references``: up to 3 more images.
+    Every check is made once, before the work it guards: the free ones before any image is decoded,
+    the settings (EditSettings) before any LoRA is fetched. The device's cached memory is released
+    after the edit, whatever happened."""
+    references = references or []
+    check_request(prompt, references)
+    try:
+        image = images.load_image(image_source)
+        reference_images = [images.load_image(r, f"reference_images[{i}]") for i, r in enumerate(references)]
+        width, height = sizes.output_size(aspect_ratio, *image.size, base_side(model.components))
+        seed = new_seed() if seed is None else int(seed)
+        settings = EditSettings(
+            prompt=prompt, width=width, height=height, seed=seed, num_steps=num_steps, guidance=guidance,
+            acceleration=acceleration, multi_image_mode=multi_image_mode,
+        )  # fmt: skip
+        lora_report, lora_seconds = use_loras(model, loras or [], lora_tokens)
+        log.info("seed %d, %dx%d output, acceleration %r, %d steps", seed, width, height, acceleration, num_steps)
+        result = edit(model.components, image, settings, on_step=on_step, references=reference_images)
+        result.report.loras = lora_report
+        result.report.seconds.update(lora_seconds)
+        if check_safety and model.safety is not None:
+            _refuse_if_flagged(model.safety, result)
+        return result
+    finally:
+        release_memory(model.components.device)
+
+
+def _refuse_if_flagged(safety: SafetyChecker, result: EditResult) -> None:
+    start = time.perf_counter()
+    flagged = is_flagged(safety, result.image)
+    result.report.seconds["safety"] = time.perf_counter() - start
+    if flagged:
+        raise EditError(
+            "the safety checker flagged the edited image as possibly not safe for work, so it is not returned. "
+            "Try a different prompt or seed."
+        )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+from flux.errors import InputError
+
 # Multiple of every side: 8x VAE downsampling times the 2x2 latent packing.
 MULTIPLE = 16
 # The model's native side: FLUX.1 Kontext works at about 1024x1024 (its VAE's sample_size);
 # a small trained proxy declares a smaller one, and every size below scales with it.
 BASE_SIDE = 1024
-TARGET_AREA = BASE_SIDE * BASE_SIDE
 
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "1:1": (1, 1),
@@ -71,10 +72,10 @@ def output_size(aspect_ratio: str, input_width: int, input_height: int, base: in
     """
     if aspect_ratio == MATCH_INPUT:
         if input_width < 1 or input_height < 1:
-            raise ValueError(f"input image has no pixels ({input_width}x{input_height})")
+            raise InputError(f"input image has no pixels ({input_width}x{input_height})")
         return size_for_ratio(input_width / input_height, base)
     if aspect_ratio not in ASPECT_RATIOS:
-        raise ValueError(f"aspect_ratio must be one of {', '.join(ASPECT_RATIO_CHOICES)}; got {aspect_ratio!r}")
+        raise InputError(f"aspect_ratio must be one of {', '.join(ASPECT_RATIO_CHOICES)}; got {aspect_ratio!r}")
     w, h = ASPECT_RATIOS[aspect_ratio]
     return size_for_ratio(w / h, base)
 

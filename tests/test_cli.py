@@ -59,7 +59,7 @@ def test_seed_outside_the_range_is_refused(tiny_weights, tmp_path):
         "--out", str(tmp_path / "o.png"), "--seed", str(2**32),
     )  # fmt: skip
     assert result.returncode == 2
-    assert "--seed: must be between 0 and 4294967295" in result.stderr and "Traceback" not in result.stderr
+    assert "--seed: seed must be between 0 and 4294967295" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(

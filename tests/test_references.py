@@ -101,8 +101,11 @@ def test_without_references_the_inputs_are_those_of_one_image(proxy):
 
 
 def test_four_references_are_refused(proxy):
+    from flux.pipeline import Model, run_edit
+
+    model = Model(proxy, None, PROXY_DIR)
     with pytest.raises(InputError, match="at most 3 reference_images"):
-        _capture(proxy, [WIDE] * 4, "offset")
+        run_edit(model, image_bytes(random_image(64, 64)), "x", references=[image_bytes(WIDE)] * 4)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ import math
 import pytest
 
 from flux import sizes
+from flux.errors import InputError
 
 
 @pytest.mark.parametrize("ratio", list(sizes.ASPECT_RATIOS))
@@ -32,7 +33,7 @@ def test_extreme_inputs_are_clamped_to_the_widest_choice(size):
 
 
 def test_unknown_aspect_ratio_is_refused():
-    with pytest.raises(ValueError, match="aspect_ratio must be one of"):
+    with pytest.raises(InputError, match="aspect_ratio must be one of"):
         sizes.output_size("7:3", 100, 100)
 
 
