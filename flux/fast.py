@@ -111,16 +111,16 @@ def _wants_fp8(settings: FastSettings, device: torch.device) -> bool:
     return settings.fp8.lower() not in _OFF
 
 
-def set_attention_backend(components: Components, choice: str) -> str:
+def set_attention_backend(transformer: torch.nn.Module, choice: str) -> str:
     """The first attention backend in order of preference that diffusers accepts here (its kernels installed)."""
     candidates = ATTENTION_PREFERENCE if choice == "auto" else (choice,)
     for name in candidates:
         try:
-            components.transformer.set_attention_backend(name)
+            transformer.set_attention_backend(name)
             return name
         except Exception as exc:  # a backend whose kernels are not installed says so by raising
             log.info("attention backend %s unavailable: %s", name, exc)
-    components.transformer.reset_attention_backend()
+    transformer.reset_attention_backend()
     return "native"
 
 
@@ -136,6 +136,10 @@ def quantize_fp8(transformer: torch.nn.Module) -> None:
 
 def compile_transformer(components: Components, settings: FastSettings) -> dict[str, object]:
     """torch.compile the transformer in place under the shape policy; returns what was applied."""
+    return _compile(components.transformer, settings)
+
+
+def _compile(transformer: torch.nn.Module, settings: FastSettings) -> dict[str, object]:
     applied: dict[str, object] = {"compile": settings.compile_backend, "compile_shapes": settings.compile_shapes}
     options: dict[str, object] = {}
     if settings.compile_backend == "inductor":
@@ -151,39 +155,54 @@ def compile_transformer(components: Components, settings: FastSettings) -> dict[
     # dynamic=True: sizes are symbolic from the first trace (no specialise-then-recompile on the
     # second size, as dynamo's automatic dynamic shapes would do in a request)
     dynamic = settings.compile_shapes == "dynamic"
-    components.transformer.compile(backend=settings.compile_backend, fullgraph=False, dynamic=dynamic, **options)
+    transformer.compile(backend=settings.compile_backend, fullgraph=False, dynamic=dynamic, **options)
     return applied
 
 
-def optimize(components: Components, settings: FastSettings | None = None) -> dict[str, object]:
+def optimize(components: Components, settings: FastSettings | None = None, parallel: int = 1) -> dict[str, object]:
     """Apply the fast path in place; returns what was applied (empty where nothing applies), with
-    the decisions LoRAs depend on: ``fp8`` (True when the weights are FP8) and ``lora_branch_rank``."""
+    the decisions LoRAs depend on: ``fp8`` (True when the weights are FP8) and ``lora_branch_rank``.
+    ``parallel`` > 1: context parallelism over that many ranks (flux.parallel; its process group is up)."""
     settings = settings or FastSettings.from_env()
-    applied: dict[str, object] = {}
     if components.device.type == "cuda":
-        applied.update(_cuda_only(components, settings))
+        components.vae.to(memory_format=torch.channels_last)
     else:
         log.info("fast path: FP8, attention backends and channels_last are CUDA only; off on %s", components.device)
+    applied = optimize_transformer(components.transformer, components.device, components.dtype, settings, parallel)
+    return {**applied, "vae_channels_last": True} if components.device.type == "cuda" else applied
+
+
+def optimize_transformer(
+    transformer: torch.nn.Module, device: torch.device, dtype: torch.dtype, settings: FastSettings, parallel: int = 1
+) -> dict[str, object]:
+    """The transformer's part of the fast path, in its order: attention backend, FP8, the LoRA side
+    branch, context parallelism, compile (every rank of a parallel edit runs exactly this)."""
+    applied: dict[str, object] = {}
+    if device.type == "cuda":
+        applied.update(_cuda_only(transformer, device, settings))
     rank = settings.branch_rank(applied.get("fp8") is True)
     if rank:
-        layers = install_branches(components.transformer, rank, components.dtype)
+        layers = install_branches(transformer, rank, dtype)
         applied["lora_branch"] = f"rank {rank} on {layers} linear layers"
         applied["lora_branch_rank"] = rank
-    if settings.compiles_on(components.device):
-        applied.update(compile_transformer(components, settings))
+    if parallel > 1:
+        from flux.parallel import enable_ulysses
+
+        enable_ulysses(transformer, parallel)
+        applied["context_parallel"] = f"ulysses x{parallel}"
+    if settings.compiles_on(device):
+        applied.update(_compile(transformer, settings))
     return applied
 
 
-def _cuda_only(components: Components, settings: FastSettings) -> dict[str, object]:
+def _cuda_only(transformer: torch.nn.Module, device: torch.device, settings: FastSettings) -> dict[str, object]:
     applied: dict[str, object] = {}
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    applied["attention"] = set_attention_backend(components, settings.attention)
-    components.vae.to(memory_format=torch.channels_last)
-    applied["vae_channels_last"] = True
-    if _wants_fp8(settings, components.device):
+    applied["attention"] = set_attention_backend(transformer, settings.attention)
+    if _wants_fp8(settings, device):
         try:
-            quantize_fp8(components.transformer)
+            quantize_fp8(transformer)
             applied["fp8"] = True
         except RuntimeError as exc:
             if settings.fp8 != "auto":

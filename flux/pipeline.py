@@ -9,9 +9,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from PIL import Image
 
-from flux import images, settings, sizes, weights
+from flux import images, parallel, settings, sizes, weights
 from flux.device import release_memory
 from flux.edit import (
     DEFAULT_ACCELERATION,
@@ -31,6 +32,7 @@ from flux.fetch import FetchReport, fetch
 from flux.loading import Components, load_components
 from flux.lora import LoraState
 from flux.lora_sources import MAX_STRENGTH, MIN_STRENGTH, NO_TOKENS, LoraRequest, LoraTokens, describe, fetch_lora
+from flux.parallel import Workers
 from flux.safety import SafetyChecker, is_flagged, load_safety_checker
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Model:
     seconds: dict[str, float] = field(default_factory=dict)
     fast_path: dict[str, object] = field(default_factory=dict)
     loras: LoraState | None = None
+    workers: Workers | None = None  # the other ranks of a context-parallel edit
 
     def __post_init__(self) -> None:
         self.loras = self.loras or lora_state(self.components, self.fast_path)
@@ -94,11 +97,18 @@ def load_model(weights_dir: str | Path, with_safety: bool = True, fast: bool = T
     safety = load_safety_checker(weights_dir, components.device, components.dtype) if with_safety else None
     seconds["load"] = time.perf_counter() - start
     model = Model(components, safety, Path(weights_dir), seconds)
-    if fast:
+    ranks = settings.get_int("FLUX_CONTEXT_PARALLEL")
+    if ranks > 1:
+        model.workers = parallel.start(ranks, weights_dir, components.device)
+    if fast or ranks > 1:
         start = time.perf_counter()
-        model.fast_path = optimize(components)
+        model.fast_path = optimize(components, parallel=ranks)
         model.loras = lora_state(components, model.fast_path)
         seconds["fast_path"] = time.perf_counter() - start
+        if model.workers is not None:
+            components.transformer.register_forward_pre_hook(
+                torch._dynamo.disable(model.workers.forward_hook), with_kwargs=True
+            )
         if warm and "compile" in model.fast_path:
             warm_up(model, warm_up_sizes(base_side(components)))
     return model
@@ -124,11 +134,12 @@ def use_loras(
         if not MIN_STRENGTH <= request.strength <= MAX_STRENGTH:
             field_name = request.field.replace("weights", "strength")
             raise InputError(f"{field_name} must be between {MIN_STRENGTH} and {MAX_STRENGTH}; got {request.strength}")
-    used, seconds = [], {"lora_fetch": 0.0, "lora_load": 0.0}
+    used, seconds, paths = [], {"lora_fetch": 0.0, "lora_load": 0.0}, []
     wanted = []
     for request in loras:
         start = time.perf_counter()
         path, downloaded = fetch_lora(request.source, request.field, tokens)
+        paths.append(path)
         seconds["lora_fetch"] += time.perf_counter() - start
         lora, load_seconds = model.loras.converted(path, request.source, request.field)
         seconds["lora_load"] += load_seconds
@@ -143,6 +154,8 @@ def use_loras(
             len(lora.layers),
         )
     seconds["lora_merge"] = model.loras.apply(wanted)
+    if model.workers is not None:
+        model.workers.apply_loras([(str(path), r.source, r.strength) for path, r in zip(paths, loras, strict=True)])
     return used, (seconds if loras or seconds["lora_merge"] else {})
 
 
@@ -152,6 +165,20 @@ def check_request(prompt: str, references: list) -> None:
         raise InputError(f"at most {sizes.MAX_REFERENCES} reference_images are accepted; got {len(references)}")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InputError(f"prompt is longer than {MAX_PROMPT_CHARS} characters; got {len(prompt)}")
+
+
+def output_size(
+    model: Model, aspect_ratio: str, image: Image.Image, references: list[Image.Image], mode: str
+) -> tuple[int, int]:
+    """The output size (sizes.output_size); across several devices, the nearest one whose tokens split evenly."""
+    base = base_side(model.components)
+    width, height = sizes.output_size(aspect_ratio, *image.size, base)
+    if model.workers is None:
+        return width, height
+    condition = sizes.conditioning_tokens(
+        sizes.conditioning_size(*image.size, base), [r.size for r in references], mode, base
+    )
+    return sizes.divisible_output_size(width, height, condition, model.workers.size)
 
 
 def new_seed() -> int:
@@ -184,7 +211,7 @@ def run_edit(
     try:
         image = images.load_image(image_source)
         reference_images = [images.load_image(r, f"reference_images[{i}]") for i, r in enumerate(references)]
-        width, height = sizes.output_size(aspect_ratio, *image.size, base_side(model.components))
+        width, height = output_size(model, aspect_ratio, image, reference_images, multi_image_mode)
         seed = new_seed() if seed is None else int(seed)
         settings = EditSettings(
             prompt=prompt, width=width, height=height, seed=seed, num_steps=num_steps, guidance=guidance,
@@ -198,6 +225,12 @@ def run_edit(
         if check_safety and model.safety is not None:
             _refuse_if_flagged(model.safety, result)
         return result
+    except EditError:
+        raise
+    except RuntimeError as exc:  # a collective failed: say so, and refuse the edits that would follow
+        if model.workers is not None and model.workers.is_failure(exc):
+            raise model.workers.failed(exc) from None
+        raise
     finally:
         release_memory(model.components.device)
 

@@ -35,6 +35,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FLUX_FP8", "auto", "FP8 linear layers: auto (compute capability 8.9+ with torchao), on or off"),
     Setting("FLUX_ATTENTION", "auto", "the attention backend: auto (fastest diffusers accepts) or a backend name"),
     Setting("FLUX_LORA_BRANCH_RANK", "auto", "rank of the LoRA side branch: auto (64 with FP8, none without) or N"),
+    Setting("FLUX_CONTEXT_PARALLEL", "1", "devices one edit runs on (context parallelism); 1 = off"),
+    Setting("FLUX_CONTEXT_PARALLEL_TIMEOUT_S", "120", "deadline of every collective between the devices, seconds"),
     Setting("FLUX_LORA_CACHE", ".cache/loras", "the LoRA disk cache"),
     Setting("FLUX_LORA_CACHE_BYTES", str(10 * 2**30), "the LoRA cache's size; least recently used files go beyond"),
     Setting("FLUX_LORA_MAX_BYTES", str(2 * 2**30), "the largest LoRA download"),

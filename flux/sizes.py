@@ -116,3 +116,33 @@ def stitched_size(parts: list[tuple[int, int]], base: int = BASE_SIDE) -> tuple[
     width = sum(round(w * height / h) for w, h in parts)
     scale = min(1.0, math.sqrt(2 * base * base / (width * height)))
     return _snap(width * scale), _snap(height * scale)
+
+
+def conditioning_tokens(
+    condition_size: tuple[int, int], reference_sizes: list[tuple[int, int]], mode: str, base: int = BASE_SIDE
+) -> int:
+    """How many conditioning tokens an edit has: the input image at ``condition_size`` and the
+    references at their shared budget, or all of them stitched into one image."""
+    parts = [condition_size] + [reference_size(w, h, len(reference_sizes), base) for w, h in reference_sizes]
+    if mode == "stitch" and reference_sizes:
+        parts = [stitched_size(parts, base)]
+    return sum(tokens(w, h) for w, h in parts)
+
+
+def divisible_output_size(width: int, height: int, other_tokens: int, ranks: int) -> tuple[int, int]:
+    """The output size nearest (width, height) in aspect ratio, then in area, whose tokens plus
+    ``other_tokens`` divide by ``ranks`` (context parallelism splits the token axis evenly); the
+    size itself where it already does. At most 4 tokens (64 pixels) off on either side."""
+    rows, columns = height // MULTIPLE, width // MULTIPLE
+    if (rows * columns + other_tokens) % ranks == 0:
+        return width, height
+    candidates = [
+        (abs(math.log(c * rows / (r * columns))), abs(r * c - rows * columns), r, c)
+        for r in range(max(1, rows - 4), rows + 5)
+        for c in range(max(1, columns - 4), columns + 5)
+        if (r * c + other_tokens) % ranks == 0
+    ]
+    if not candidates:
+        raise InputError(f"no output size near {width}x{height} splits evenly over {ranks} ranks")
+    _, _, r, c = min(candidates)
+    return c * MULTIPLE, r * MULTIPLE

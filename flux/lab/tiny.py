@@ -285,14 +285,17 @@ def save_models(out: Path, models: dict[str, torch.nn.Module]) -> None:
     models["vae"].save_pretrained(out / "vae")
 
 
-def make_tiny_weights(out_dir: str | Path, seed: int = 0, safety: str = "pass", side: int = TINY_SIDE) -> Path:
+def make_tiny_weights(
+    out_dir: str | Path, seed: int = 0, safety: str = "pass", side: int = TINY_SIDE, preset: str = "tiny"
+) -> Path:
     """Write the tiny model to ``out_dir``; ``safety="flag"`` makes the safety checker flag every image;
-    ``side`` is the native side its outputs are sized from (1024: the real model's sizes, slower)."""
+    ``side`` is the native side its outputs are sized from (1024: the real model's sizes, slower);
+    ``preset`` another size of random model in the same layout (``PRESETS``)."""
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
     clip_vocab, t5_vocab = write_common(out, seed, safety)
-    models = build_models("tiny", clip_vocab, t5_vocab, seed)
+    models = build_models(preset, clip_vocab, t5_vocab, seed)
     models["vae"].register_to_config(sample_size=side)
     save_models(out, models)
     write_tree_manifest(

@@ -1,0 +1,265 @@
+"""One edit across 2 CPU processes (gloo on loopback): the same latents as one process within 1e-4
+at every size a request can make, every level, references in each mode, a LoRA and its restore;
+a killed worker fails clearly; no worker outlives its parent."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flux import sizes
+from flux.edit import EditSettings, edit
+from flux.lab.loras import make_lora, write_lora
+from flux.loading import load_components
+from flux.pipeline import load_model, output_size, run_edit
+from tests.conftest import image_bytes, random_image
+from tests.weights_server import serve_tree
+
+TOLERANCE = 1e-4
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def models(tiny_weights):
+    """The tiny model in one process, and across two (rank 0 here, one worker process)."""
+    single = load_components(tiny_weights)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLUX_CONTEXT_PARALLEL", "2")
+        parallel = load_model(tiny_weights, with_safety=False)
+    yield single, parallel
+    parallel.workers.close()
+
+
+def _same_edit(models, image, settings, references=()):
+    """The parallel model's edit through the product path, and one process at the size it chose."""
+    single, parallel = models
+    result = run_edit(parallel, image_bytes(image), settings["prompt"], check_safety=False,
+                      references=[image_bytes(r) for r in references],
+                      **{k: v for k, v in settings.items() if k != "prompt"})  # fmt: skip
+    width, height = result.image.size
+    reference = edit(single, image, EditSettings(
+        prompt=settings["prompt"], width=width, height=height, seed=settings["seed"], num_steps=settings["num_steps"],
+        acceleration=settings.get("acceleration", "go fast"), multi_image_mode=settings.get("multi_image_mode", "offset"),
+    ), references=list(references))  # fmt: skip
+    return result, reference
+
+
+def test_the_token_axis_divides_and_the_latents_match_at_many_sizes(models):
+    rng = random.Random(7)
+    shapes = [(rng.randint(8, 700), rng.randint(8, 700)) for _ in range(10)]
+    odd = 0
+    for width, height in shapes:
+        image = random_image(width, height, seed=width)
+        plain = sizes.output_size("match_input_image", width, height, 256)
+        condition = sizes.tokens(*sizes.conditioning_size(width, height, 256))
+        odd += (sizes.tokens(*plain) + condition) % 2
+        result, reference = _same_edit(models, image, {"prompt": "make it red", "seed": 3, "num_steps": 4})
+        assert (sizes.tokens(*result.image.size) + condition) % 2 == 0
+        assert abs(result.image.width - plain[0]) <= 64 and abs(result.image.height - plain[1]) <= 64
+        assert (result.latents - reference.latents).abs().max().item() <= TOLERANCE
+    assert odd > 0  # some of these sizes had an odd token count and were moved to the nearest even one
+
+
+@pytest.mark.parametrize("ratio", sizes.ASPECT_RATIO_CHOICES[1:])
+def test_every_explicit_aspect_ratio(models, ratio):
+    image = random_image(90, 60, seed=1)
+    result, reference = _same_edit(models, image, {"prompt": "x", "seed": 1, "num_steps": 4, "aspect_ratio": ratio})
+    assert (result.latents - reference.latents).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("level", ["none", "go fast", "go really fast"])
+def test_every_level(models, level):
+    image = random_image(120, 80, seed=2)
+    settings = {"prompt": "make it blue", "seed": 5, "num_steps": 10, "acceleration": level}
+    result, reference = _same_edit(models, image, settings)
+    assert (result.latents - reference.latents).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("mode", ["offset", "stitch", "index"])
+def test_references_in_each_mode(models, mode):
+    image, references = random_image(100, 70, seed=3), [random_image(50, 90, seed=4), random_image(33, 33, seed=5)]
+    settings = {"prompt": "combine", "seed": 2, "num_steps": 4, "multi_image_mode": mode}
+    result, reference = _same_edit(models, image, settings, references)
+    assert (result.latents - reference.latents).abs().max().item() <= TOLERANCE
+
+
+def test_a_lora_on_every_rank_and_its_exact_restore(models, tiny_weights, tmp_path, monkeypatch):
+    from flux.lora_sources import LoraRequest
+
+    single, parallel = models
+    monkeypatch.setenv("FLUX_LORA_CACHE", str(tmp_path / "cache"))
+    write_lora(tmp_path / "site" / "l.safetensors", make_lora(single.transformer, "peft", rank=4, seed=1))
+    image = random_image(64, 48, seed=6)
+    settings = {"prompt": "x", "seed": 4, "num_steps": 4}
+    base = run_edit(parallel, image_bytes(image), "x", seed=4, num_steps=4, check_safety=False).latents
+    with serve_tree(tmp_path / "site") as (url, _):
+        with_lora = run_edit(parallel, image_bytes(image), "x", seed=4, num_steps=4, check_safety=False,
+                             loras=[LoraRequest(f"{url}/l.safetensors", 0.8)]).latents  # fmt: skip
+    from flux.lora import LoraState, convert
+
+    state = LoraState(single.transformer)
+    state.apply([(convert(next((tmp_path / "cache").glob("*.safetensors")), "l", single.transformer), 0.8)])
+    width, height = output_size(parallel, "match_input_image", image, [], "offset")
+    reference = edit(single, image, EditSettings("x", width, height, 4, num_steps=4)).latents
+    state.apply([])
+    assert (with_lora - reference).abs().max().item() <= TOLERANCE and not torch.equal(with_lora, base)
+    restored = run_edit(parallel, image_bytes(image), "x", seed=4, num_steps=4, check_safety=False).latents
+    assert torch.equal(restored, base)
+    del settings
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting for a parent that is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+KILLED_WORKER = """
+import json, os, signal, sys, time
+sys.path.insert(0, ROOT)
+from flux.errors import EditError
+from flux.pipeline import load_model, run_edit
+from tests.conftest import image_bytes, random_image
+model = load_model(WEIGHTS, with_safety=False)
+image = image_bytes(random_image(64, 64))
+run_edit(model, image, "x", seed=1, num_steps=4, check_safety=False)
+worker = model.workers.processes[0]
+os.kill(worker.pid, signal.SIGKILL)
+worker.wait(timeout=10)
+report = {}
+for name in ("first", "next"):
+    start = time.monotonic()
+    try:
+        run_edit(model, image, "x", seed=1, num_steps=4, check_safety=False)
+        report[name] = ["succeeded", 0]
+    except EditError as exc:
+        report[name] = [str(exc), time.monotonic() - start]
+model.workers.close(wait_s=5)
+report["left"] = [p.poll() is None for p in model.workers.processes]
+print(json.dumps(report))
+"""
+
+
+def _run_rank_zero(script: str, tiny_weights, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """``script`` as rank 0 of its own 2-process group, in a process of its own (one group per process)."""
+    code = script.replace("ROOT", repr(str(ROOT))).replace("WEIGHTS", repr(str(tiny_weights)))
+    environment = {**os.environ, "FLUX_CONTEXT_PARALLEL": "2", **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env=environment, cwd=ROOT)  # fmt: skip
+
+
+def test_a_killed_worker_fails_the_edit_clearly_within_the_deadline(tiny_weights):
+    import json
+
+    result = _run_rank_zero(KILLED_WORKER, tiny_weights, FLUX_CONTEXT_PARALLEL_TIMEOUT_S="10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    (first, first_s), (following, following_s) = report["first"], report["next"]
+    assert "context-parallel worker exited" in first and "until it is restarted" in first, first
+    assert "EditError" not in first
+    assert first_s < 10 + 5  # within the collective deadline
+    assert following == first and following_s < 1  # the next edit is told at once
+    assert report["left"] == [False]
+
+
+PARENT = """
+import sys, time
+sys.path.insert(0, ROOT)
+from flux.pipeline import load_model
+model = load_model(WEIGHTS, with_safety=False)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_workers_end_with_shutdown_and_with_their_parent(tiny_weights, tmp_path):
+    """A parent that exits without closing (killed) still leaves no worker behind."""
+    code = PARENT.replace("ROOT", repr(str(ROOT))).replace("WEIGHTS", repr(str(tiny_weights)))
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**os.environ, "FLUX_CONTEXT_PARALLEL": "2"})  # fmt: skip
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        workers = _children(parent.pid)
+        assert len(workers) == 1
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_running(w) for w in workers):
+            time.sleep(0.2)
+        assert not any(_running(w) for w in workers)
+    finally:
+        parent.kill()
+
+
+def test_through_the_cog_server_and_no_worker_after_shutdown(tiny_weights, tmp_path):
+    """Two servers, one process and two: the same image for the same request; after the parallel
+    server stops, its worker is gone."""
+    from tests.cog_server import cog_server, data_uri, decode_output
+
+    request = {"prompt": "make it red", "num_inference_steps": 4, "seed": 9, "output_format": "png",
+               "input_image": data_uri(image_bytes(random_image(90, 70, seed=8))), "acceleration": "go really fast"}  # fmt: skip
+    images = []
+    for ranks in ("1", "2"):
+        work = tmp_path / ranks
+        work.mkdir()
+        with cog_server(tiny_weights, work, env={"FLUX_CONTEXT_PARALLEL": ranks}) as server:
+            status, body = server.predict(**request)
+            assert status == 200 and body["status"] == "succeeded", body
+            images.append(decode_output(body["output"]))
+            workers = [p for child in _children(server.process.pid) for p in _children(child)]
+            assert len(workers) == int(ranks) - 1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_running(w) for w in workers):
+            time.sleep(0.2)
+        assert not any(_running(w) for w in workers)
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    one, two = (np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16) for data in images)
+    assert one.shape == two.shape and np.abs(one - two).max() <= 1
+
+
+COMPILED = """
+import json, sys
+sys.path.insert(0, ROOT)
+import torch, torch._dynamo
+from flux.pipeline import load_model, run_edit
+from tests.conftest import image_bytes, random_image
+model = load_model(WEIGHTS, with_safety=False)  # compiles in its warm-up, on both ranks
+frames = torch._dynamo.utils.counters["frames"]["total"]
+seen = []
+with torch._dynamo.config.patch(error_on_recompile=True):
+    for w, h in [(90, 60), (37, 100), (200, 199), (640, 90), (64, 64)]:
+        seen.append(run_edit(model, image_bytes(random_image(w, h)), "x", seed=1, num_steps=4, check_safety=False).image.size)
+model.workers.close()
+print(json.dumps({"compiled_during_requests": torch._dynamo.utils.counters["frames"]["total"] - frames,
+                  "sizes": seen, "fast_path": {k: str(v) for k, v in model.fast_path.items()}}))
+"""
+
+
+def test_compiled_nothing_compiles_during_requests(tiny_weights):
+    """Dynamic shapes under context parallelism (dynamo, eager backend): the warm-up compiles, the
+    requests that follow, at other sizes, compile nothing on rank 0."""
+    import json
+
+    result = _run_rank_zero(COMPILED, tiny_weights, timeout=300, FLUX_COMPILE="1", FLUX_COMPILE_BACKEND="eager")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["fast_path"]["context_parallel"] == "ulysses x2" and report["fast_path"]["compile"] == "eager"
+    assert report["compiled_during_requests"] == 0 and len({tuple(s) for s in report["sizes"]}) >= 4
