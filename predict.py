@@ -40,6 +40,11 @@ class Predictor(BaseRunner):
         phases = ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.model.seconds.items())
         print(f"setup: {phases} ({weights_dir} on {self.model.components.device}; fast path {self.model.fast_path})")
 
+    def healthcheck(self) -> bool:
+        """Cog's health check: False once the model cannot edit (a context-parallel worker is gone),
+        so that /health-check reports UNHEALTHY and the platform replaces the container."""
+        return self.model.healthy()
+
     def run(
         self,
         prompt: str = Input(

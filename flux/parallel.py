@@ -13,7 +13,8 @@ same file.
 All ranks are on one machine: the rendezvous is on 127.0.0.1 and the collectives are bound to the
 loopback interface, so nothing goes to any other address. Every collective has a deadline
 (``FLUX_CONTEXT_PARALLEL_TIMEOUT_S``); a worker that dies or hangs fails the prediction with a clear
-message within it, and the container then reports it on every prediction until it is restarted.
+message within it; the container then refuses every edit with that message and reports itself
+unhealthy (``Model.healthy``, the Cog health check) so that the platform replaces it.
 A worker exits by itself when its parent process is gone.
 
 The token axis must divide by N (Ulysses splits it evenly); ``sizes.divisible_output_size`` picks
@@ -129,6 +130,9 @@ class Workers:
             _send(command, payload, tensors, self.device)
         except Exception as exc:  # a collective that failed or timed out: a worker died or hangs
             raise self.failed(exc) from None
+
+    def healthy(self) -> bool:
+        return self.failure is None and all(p.poll() is None for p in self.processes)
 
     def is_failure(self, exc: BaseException) -> bool:
         """Whether ``exc``, raised during an edit, is the group's: a collective failed or a worker is gone."""

@@ -27,7 +27,7 @@ from flux.edit import (
     edit,
 )
 from flux.errors import EditError, InputError
-from flux.fast import optimize, warm_up_sizes
+from flux.fast import FastSettings, optimize, warm_up_sizes
 from flux.fetch import FetchReport, fetch
 from flux.loading import Components, load_components
 from flux.lora import LoraState
@@ -53,6 +53,11 @@ class Model:
 
     def __post_init__(self) -> None:
         self.loras = self.loras or lora_state(self.components, self.fast_path)
+
+    def healthy(self) -> bool:
+        """Whether the model can edit: always on one device; across several, while every worker lives
+        and no collective has failed."""
+        return self.workers is None or self.workers.healthy()
 
 
 def lora_state(components: Components, fast_path: dict[str, object]) -> LoraState:
@@ -98,20 +103,29 @@ def load_model(weights_dir: str | Path, with_safety: bool = True, fast: bool = T
     seconds["load"] = time.perf_counter() - start
     model = Model(components, safety, Path(weights_dir), seconds)
     ranks = settings.get_int("FLUX_CONTEXT_PARALLEL")
-    if ranks > 1:
-        model.workers = parallel.start(ranks, weights_dir, components.device)
     if fast or ranks > 1:
-        start = time.perf_counter()
-        model.fast_path = optimize(components, parallel=ranks)
-        model.loras = lora_state(components, model.fast_path)
-        seconds["fast_path"] = time.perf_counter() - start
-        if model.workers is not None:
-            components.transformer.register_forward_pre_hook(
-                torch._dynamo.disable(model.workers.forward_hook), with_kwargs=True
-            )
-        if warm and "compile" in model.fast_path:
-            warm_up(model, warm_up_sizes(base_side(components)))
+        speed_up(model, ranks, warm=warm)
     return model
+
+
+def speed_up(model: Model, ranks: int = 1, fast: FastSettings | None = None, warm: bool = True) -> None:
+    """Apply the fast path to a loaded model; with ``ranks`` > 1 first start the other ranks
+    (flux.parallel, loading the transformer from ``model.weights_dir``) and send them every
+    transformer call; where the transformer was compiled and ``warm``, compile its graph now
+    (``warm_up``, on every rank) rather than in the first request."""
+    components = model.components
+    if ranks > 1:
+        model.workers = parallel.start(ranks, model.weights_dir, components.device)
+    start = time.perf_counter()
+    model.fast_path = optimize(components, fast, parallel=ranks)
+    model.loras = lora_state(components, model.fast_path)
+    model.seconds["fast_path"] = time.perf_counter() - start
+    if model.workers is not None:
+        components.transformer.register_forward_pre_hook(
+            torch._dynamo.disable(model.workers.forward_hook), with_kwargs=True
+        )
+    if warm and "compile" in model.fast_path:
+        warm_up(model, warm_up_sizes(base_side(components)))
 
 
 def warm_up(model: Model, output_sizes: list[tuple[int, int]]) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -263,3 +264,23 @@ def test_compiled_nothing_compiles_during_requests(tiny_weights):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["fast_path"]["context_parallel"] == "ulysses x2" and report["fast_path"]["compile"] == "eager"
     assert report["compiled_during_requests"] == 0 and len({tuple(s) for s in report["sizes"]}) >= 4
+
+
+def test_a_dead_worker_makes_the_cog_server_unhealthy(tiny_weights, tmp_path):
+    """Kill the worker of a parallel Cog server: /health-check says UNHEALTHY (the platform's cue to
+    replace the container) and a prediction fails with the clear message."""
+    from tests.cog_server import cog_server, data_uri
+
+    with cog_server(tiny_weights, tmp_path, env={"FLUX_CONTEXT_PARALLEL": "2",
+                                                 "FLUX_CONTEXT_PARALLEL_TIMEOUT_S": "10"}) as server:  # fmt: skip
+        assert server.settled_health() == "READY"
+        (worker,) = [p for child in _children(server.process.pid) for p in _children(child)]
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and server.get("/health-check")[1]["status"] != "UNHEALTHY":
+            time.sleep(0.2)
+        assert server.get("/health-check")[1]["status"] == "UNHEALTHY"
+        status, body = server.predict(prompt="x", input_image=data_uri(image_bytes(random_image(32, 32))),
+                                      num_inference_steps=4)  # fmt: skip
+        assert status == 200 and body["status"] == "failed", body
+        assert "context-parallel worker exited" in body["error"] and "Traceback" not in body["error"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from flux.device import dtype_for, release_memory, synchronize
 from flux.fast import FastSettings, compile_transformer, optimize, quantize_fp8, warm_up_sizes
 from flux.lab.benchmark import SIZES, input_image, psnr, run_project
 from flux.lab.tiny import random_components
-from flux.pipeline import Model, lora_state, warm_up
+from flux.pipeline import Model, lora_state, speed_up, warm_up
 
 STEPS = 28
 COLD_START_IF_UNDER_S = 360  # elapsed seconds after which the cold-start process is left out
@@ -147,6 +148,89 @@ def cold_start(out: Path, preset: str, device: torch.device) -> dict:
     seconds["warm_up"] = warm_up(Model(c, None, Path(tempfile.gettempdir())), warm_up_sizes(SIZES[preset][0]))
     figures = {"seconds": seconds, "applied": {k: str(v) for k, v in applied.items()}}
     (out / "cold_start.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+PARALLEL_RANKS = (1, 2, 4, 8)
+PARALLEL_IF_UNDER_S = 300  # a rank count starts only while this many seconds of the case have not passed
+
+
+def parallel_case(out: Path, preset: str, device: torch.device) -> dict:
+    """Seconds per edit at the preset's size with N = 1, 2, 4, 8 ranks (context parallelism, as many as
+    the machine has GPUs; the CPU rehearsal: 1 and 2 processes), every level, eager, and each output's
+    difference to N = 1. Skipped, and said so, on a machine with one GPU. Writes parallel.json."""
+    available = torch.cuda.device_count() if device.type == "cuda" else 2
+    ranks = [n for n in PARALLEL_RANKS if n <= available]
+    figures: dict = {"ranks": ranks}
+    if len(ranks) < 2:
+        figures = {"skipped": f"this machine has {available} GPU; the case needs 2 or more"}
+    else:
+        started = time.perf_counter()
+        folder = Path(tempfile.mkdtemp(prefix="gpu-check-parallel-"))
+        try:
+            c = _build(preset, device)
+            c.transformer.save_pretrained(folder / "transformer")  # the workers load it from disk
+            figures["save_transformer_seconds"] = time.perf_counter() - started
+            del c
+            release_memory(device)
+            for n in ranks:
+                if time.perf_counter() - started > PARALLEL_IF_UNDER_S:
+                    figures[str(n)] = {"skipped": "not enough time left"}
+                    continue
+                command = [sys.executable, "-m", "flux.lab.gpu_check", str(folder), "--parallel-ranks", str(n),
+                           "--preset", preset, "--device", device.type]  # fmt: skip
+                env = {**os.environ, "FLUX_CONTEXT_PARALLEL": str(n), "FLUX_COMPILE": "0"}
+                done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+                result = folder / f"parallel-{n}.json"
+                figures[str(n)] = json.loads(result.read_text()) if result.exists() else {
+                    "error": done.stderr[-2000:]}  # fmt: skip
+            for n in ranks[1:]:
+                for level in taylor_utils.ACCELERATION_LEVELS:
+                    one, many = (folder / f"latents-{k}-{level}.pt" for k in (1, n))
+                    if one.exists() and many.exists():
+                        a, b = torch.load(one), torch.load(many)
+                        figures[str(n)].setdefault("difference_to_1", {})[level] = {
+                            "max_abs": float((a - b).abs().max()), "rel_l2": float((a - b).norm() / a.norm())}  # fmt: skip
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    (out / "parallel.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+def parallel_ranks(folder: Path, ranks: int, preset: str, device: torch.device) -> dict:
+    """One rank count of ``parallel_case``, in a process of its own (a process holds one process group):
+    rank 0 with the saved transformer and random encoders and VAE, the product's own way to the
+    other ranks (``pipeline.speed_up``), one timed edit per level."""
+    from diffusers import FluxTransformer2DModel
+
+    c = _build(preset, device)
+    c.transformer = None
+    release_memory(device)
+    c.transformer = (
+        FluxTransformer2DModel.from_pretrained(folder / "transformer", local_files_only=True, dtype=c.dtype)
+        .to(device)
+        .eval()
+    )
+    model = Model(c, None, folder)
+    start = time.perf_counter()
+    speed_up(model, ranks)
+    figures: dict = {
+        "ready_seconds": time.perf_counter() - start,
+        "applied": {k: str(v) for k, v in model.fast_path.items()},
+    }
+    size = SIZES[preset][0]
+    image = input_image(*SIZES[preset][2:])
+    try:
+        _edit(c, image, (size, size), "go really fast", steps=4)  # the first call's one-time costs
+        for level in taylor_utils.ACCELERATION_LEVELS:
+            run = _edit(c, image, (size, size), level)
+            torch.save(run.pop("latents").float().cpu(), folder / f"latents-{ranks}-{level}.pt")
+            run.pop("image")
+            figures[level] = {k: v for k, v in run.items() if k != "phases"}
+    finally:
+        if model.workers is not None:
+            model.workers.close()
+    (folder / f"parallel-{ranks}.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
 
 
@@ -284,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="full", choices=sorted(SIZES))
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--cold-start", action="store_true", help="one process start: build, fast path, warm-up")
+    parser.add_argument("--parallel", action="store_true", help="instead: the several-GPU case (parallel.json)")
+    parser.add_argument("--parallel-ranks", type=int, help="one rank count of that case (its own process)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check needs a CUDA GPU (--preset tiny --device cpu rehearses the same code)", file=sys.stderr)
@@ -291,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.cold_start:
         print(json.dumps(cold_start(Path(args.out), args.preset, device)), flush=True)
+    elif args.parallel_ranks:
+        parallel_ranks(Path(args.out), args.parallel_ranks, args.preset, device)
+    elif args.parallel:
+        print(json.dumps(parallel_case(Path(args.out), args.preset, device)), flush=True)
     else:
         run_check(Path(args.out), args.preset, device)
     return 0
