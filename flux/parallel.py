@@ -32,8 +32,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -42,6 +44,7 @@ from flux import settings
 from flux.errors import EditError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORWARD, LORA, STOP = 1, 2, 3
 WORKER_READY_S = 600.0  # how long setup() waits for every worker to load and warm up
@@ -122,6 +125,9 @@ class Workers:
     device: torch.device
     processes: list[subprocess.Popen] = field(default_factory=list)
     failure: str | None = None
+    # held for each exchange with the workers: Cog answers a cancel before the cancelled call has
+    # ended, so the next prediction's first call must wait for it
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, command: int, payload: dict, tensors: list[torch.Tensor]) -> None:
         if self.failure is not None:
@@ -154,7 +160,8 @@ class Workers:
 
     def apply_loras(self, entries: list[tuple[str, str, float]]) -> None:
         """(path, source, strength) of each LoRA, applied on every worker as rank 0 applied them."""
-        self.send(LORA, {"loras": entries}, [])
+        with self.lock:
+            self.send(LORA, {"loras": entries}, [])
 
     def close(self, wait_s: float = 10.0) -> None:
         """Stop every worker (a STOP command, then terminate what is left) and leave the group."""
@@ -190,6 +197,56 @@ def start(size: int, weights_dir: str | Path, device: torch.device) -> Workers:
     _init_group(0, size, port, device.type)
     log.info("context parallelism: %d ranks (%d workers: pids %s)", size, size - 1, [p.pid for p in processes])
     return Workers(size, device_for(0, device.type), processes)
+
+
+def one_call_at_a_time(transformer: torch.nn.Module, lock: threading.Lock) -> None:
+    """Rank 0's transformer calls hold ``lock``, as the LoRA broadcasts do: every exchange with the
+    workers is whole and in order, also when a cancelled edit's last call and the next prediction's
+    first meet (Cog answers a cancel before the cancelled work has ended)."""
+    base = type(transformer)
+
+    def call(self: torch.nn.Module, *args, **kwargs):
+        with lock:
+            return base.__call__(self, *args, **kwargs)
+
+    transformer.__class__ = type(f"{base.__name__}OnEveryRank", (base,), {"__call__": call})
+
+
+class Stopped(Exception):
+    """An edit stopped at a step boundary because its prediction was cancelled."""
+
+
+def stop_at_a_step_on_cancel(run: Callable[[Callable[[int, int, bool], None]], T], on_step=None) -> T:
+    """``run(step_callback)`` in a helper thread while the caller waits. Cog cancels by raising an
+    exception in the predictor's thread wherever it is (and may raise it again); inside a
+    transformer call that would leave the workers in the middle of a collective. Here it lands in
+    the waiting caller, which tells the helper to stop at the next step boundary, where every rank
+    has ended the same calls, and goes on as a cancel does."""
+    stop, box = threading.Event(), {}
+
+    def step(index: int, total: int, computed: bool) -> None:
+        if on_step is not None:
+            on_step(index, total, computed)
+        if stop.is_set():
+            raise Stopped("cancelled")
+
+    def target() -> None:
+        try:
+            box["result"] = run(step)
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    helper = threading.Thread(target=target, name="rank0-edit", daemon=True)
+    try:
+        helper.start()
+        while helper.is_alive():
+            helper.join(0.02)
+    except BaseException:
+        stop.set()  # the helper stops by itself at the next step, however soon this thread leaves
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _exit_with_parent() -> None:

@@ -124,6 +124,7 @@ def speed_up(model: Model, ranks: int = 1, fast: FastSettings | None = None, war
         components.transformer.register_forward_pre_hook(
             torch._dynamo.disable(model.workers.forward_hook), with_kwargs=True
         )
+        parallel.one_call_at_a_time(components.transformer, model.workers.lock)
     if warm and "compile" in model.fast_path:
         warm_up(model, warm_up_sizes(base_side(components)))
 
@@ -233,7 +234,13 @@ def run_edit(
         )  # fmt: skip
         lora_report, lora_seconds = use_loras(model, loras or [], lora_tokens)
         log.info("seed %d, %dx%d output, acceleration %r, %d steps", seed, width, height, acceleration, num_steps)
-        result = edit(model.components, image, settings, on_step=on_step, references=reference_images)
+        if model.workers is None:
+            result = edit(model.components, image, settings, on_step=on_step, references=reference_images)
+        else:  # a cancel must not land inside a call the workers are making too
+            result = parallel.stop_at_a_step_on_cancel(
+                lambda step: edit(model.components, image, settings, on_step=step, references=reference_images),
+                on_step,
+            )
         result.report.loras = lora_report
         result.report.seconds.update(lora_seconds)
         if check_safety and model.safety is not None:
