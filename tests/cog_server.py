@@ -61,6 +61,28 @@ class Server:
             time.sleep(0.1)
         return status, body
 
+    def cancel_after(
+        self, seconds: float, prediction_id: str, inputs: dict, timeout: float = 120
+    ) -> tuple[dict, float]:
+        """Start a prediction, cancel it ``seconds`` later: (its final response, seconds from the
+        cancel to that response)."""
+        import threading
+
+        result: dict = {}
+
+        def run() -> None:
+            request = {"id": prediction_id, "input": inputs}
+            result["response"] = self.post(f"/predictions/{prediction_id}", request, method="PUT")[1]
+            result["done"] = time.monotonic()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        time.sleep(seconds)
+        cancelled_at = time.monotonic()
+        self.post(f"/predictions/{prediction_id}/cancel", {})
+        thread.join(timeout=timeout)
+        return result["response"], result["done"] - cancelled_at
+
     def settled_health(self, within_s: float = 10) -> str:
         """The health status once the server has finished its last prediction: coglet can still say
         BUSY for a moment after it returned the response (the same window as the 409 above)."""

@@ -290,29 +290,16 @@ def test_cancel_mid_edit_leaves_every_rank_in_step(tmp_path):
     """A cancel through the Cog server lands while rank 0 waits for a transformer call, which ends
     on every rank first: the prediction is canceled within a step, the next one succeeds and the
     server stays healthy."""
-    import threading as threads
-
     from flux.lab.tiny import make_tiny_weights
     from tests.cog_server import cog_server, data_uri
 
     weights = make_tiny_weights(tmp_path / "weights", side=1024)  # about 1 MP outputs: slow enough steps
     uri = data_uri(image_bytes(random_image(64, 64)))
     with cog_server(weights, tmp_path, env={"FLUX_CONTEXT_PARALLEL": "2"}) as server:
-        result = {}
-
-        def run():
-            request = {"id": "cancel-cp", "input": {"prompt": "x", "input_image": uri, "num_inference_steps": 50}}
-            result["response"] = server.post("/predictions/cancel-cp", request, method="PUT")
-            result["done"] = time.monotonic()
-
-        thread = threads.Thread(target=run)
-        thread.start()
-        time.sleep(4.0)
-        cancelled_at = time.monotonic()
-        server.post("/predictions/cancel-cp/cancel", {})
-        thread.join(timeout=120)
-        assert result["response"][1]["status"] == "canceled", result
-        assert result["done"] - cancelled_at < 3.0
+        inputs = {"prompt": "x", "input_image": uri, "num_inference_steps": 50}
+        response, seconds = server.cancel_after(4.0, "cancel-cp", inputs)
+        assert response["status"] == "canceled", response
+        assert seconds < 3.0
         status, body = server.predict(prompt="x", input_image=uri, num_inference_steps=4, seed=0)
         assert body["status"] == "succeeded", body
         assert server.settled_health() == "READY"

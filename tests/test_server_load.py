@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -79,23 +77,13 @@ def real_size_server(tmp_path_factory):
 
 def test_cancel_during_denoise(real_size_server, uri):
     server = real_size_server
-    result = {}
-
-    def run():
-        request = {"id": "cancel-me", "input": {"prompt": "x", "input_image": uri, "num_inference_steps": 50}}
-        result["response"] = server.post("/predictions/cancel-me", request, method="PUT")
-        result["done"] = time.monotonic()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    time.sleep(2.0)  # setup of the request, encode, a few steps
-    cancelled_at = time.monotonic()
-    status, _ = server.post("/predictions/cancel-me/cancel", {})
-    thread.join(timeout=120)
-    status, body = result["response"]
-    assert isinstance(body, dict), (status, body)
+    # 2 s: setup of the request, encode, a few steps
+    body, seconds = server.cancel_after(
+        2.0, "cancel-me", {"prompt": "x", "input_image": uri, "num_inference_steps": 50}
+    )
+    assert isinstance(body, dict), body
     assert body["status"] == "canceled"
-    assert result["done"] - cancelled_at < 2.0  # within a step (about 0.15 s here) plus the response
+    assert seconds < 2.0  # within a step (about 0.15 s here) plus the response
     status, body = server.predict(prompt="x", input_image=uri, num_inference_steps=4, seed=0)
     assert body["status"] == "succeeded", body
 

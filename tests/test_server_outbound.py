@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import threading
 import time
 
 import pytest
@@ -183,23 +182,11 @@ def test_a_drip_server_is_cut_at_the_deadline(world):
 
 
 def test_cancel_stops_a_download_within_a_second(world):
-    server, result = world["server"], {}
     png = data_uri(image_bytes(random_image(48, 40, seed=4)))
-    request = {"id": "cancel-download", "input": {"prompt": "x", "input_image": png,
-                                                  "lora_weights": f"{world['site']}/slower.safetensors"}}  # fmt: skip
-
-    def run():
-        result["response"] = server.post("/predictions/cancel-download", request, method="PUT")
-        result["done"] = time.monotonic()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    time.sleep(1.0)
-    cancelled_at = time.monotonic()
-    server.post("/predictions/cancel-download/cancel", {})
-    thread.join(timeout=30)
-    assert result["response"][1]["status"] == "canceled", result
-    assert result["done"] - cancelled_at < 1.0
+    inputs = {"prompt": "x", "input_image": png, "lora_weights": f"{world['site']}/slower.safetensors"}
+    response, seconds = world["server"].cancel_after(1.0, "cancel-download", inputs, timeout=30)
+    assert response["status"] == "canceled", response
+    assert seconds < 1.0
     _succeeds_next(world)
 
 
