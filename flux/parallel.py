@@ -46,7 +46,7 @@ from flux.errors import EditError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FORWARD, LORA, STOP = 1, 2, 3
+FORWARD, LORA, STOP, COMPILED = 1, 2, 3, 4
 WORKER_READY_S = 600.0  # how long setup() waits for every worker to load and warm up
 
 
@@ -103,6 +103,15 @@ def _receive(device: torch.device) -> tuple[int, dict, list[torch.Tensor]]:
         dist.broadcast(tensor, src=0)
         tensors.append(tensor)
     return int(header[0]), payload, tensors
+
+
+def _gather_compiled_frames(size: int, device: torch.device) -> list[int]:
+    from torch._dynamo.utils import counters
+
+    mine = torch.tensor([counters["frames"]["total"]], dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(size)]
+    dist.all_gather(every, mine)
+    return [int(count) for count in every]
 
 
 def _split_call(kwargs: dict) -> tuple[dict, list[torch.Tensor]]:
@@ -162,6 +171,16 @@ class Workers:
         """(path, source, strength) of each LoRA, applied on every worker as rank 0 applied them."""
         with self.lock:
             self.send(LORA, {"loras": entries}, [])
+
+    def compiled_frames(self) -> list[int]:
+        """How many frames dynamo has compiled so far on each rank, rank 0 first: what shows that
+        requests compile nothing on any rank, not only on this one."""
+        with self.lock:
+            self.send(COMPILED, {}, [])
+            try:
+                return _gather_compiled_frames(self.size, self.device)
+            except Exception as exc:
+                raise self.failed(exc) from None
 
     def close(self, wait_s: float = 10.0) -> None:
         """Stop every worker (a STOP command, then terminate what is left) and leave the group."""
@@ -287,6 +306,8 @@ def worker_main(size: int, port: int, weights_dir: str, device_type: str, rank: 
                 break
             if command == FORWARD:
                 transformer(**dict(zip(payload["names"], tensors, strict=True)), **payload["other"])
+            elif command == COMPILED:
+                _gather_compiled_frames(size, device)
             elif command == LORA:
                 wanted = [
                     (loras.converted(Path(path), source)[0], strength) for path, source, strength in payload["loras"]
