@@ -283,7 +283,7 @@ def worker_main(size: int, port: int, weights_dir: str, device_type: str, rank: 
     """A worker: join the group, load the transformer with the fast path, then serve rank 0's commands."""
     from diffusers import FluxTransformer2DModel
 
-    from flux.device import dtype_for
+    from flux.device import dtype_for, freeze_loaded_objects
     from flux.fast import FastSettings, optimize_transformer
     from flux.lora import LoraState
 
@@ -299,6 +299,7 @@ def worker_main(size: int, port: int, weights_dir: str, device_type: str, rank: 
     applied = optimize_transformer(transformer, device, dtype, FastSettings.from_env(), size)
     rank_of_branch = applied.get("lora_branch_rank", 0)
     loras = LoraState(transformer, rank_of_branch if isinstance(rank_of_branch, int) else 0, applied.get("fp8") is True)
+    freeze_loaded_objects()
     with torch.inference_mode():
         while True:
             command, payload, tensors = _receive(device)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from flux import images, parallel, settings, sizes, weights
-from flux.device import release_memory
+from flux.device import freeze_loaded_objects, release_memory
 from flux.edit import (
     DEFAULT_ACCELERATION,
     DEFAULT_GUIDANCE,
@@ -105,6 +105,7 @@ def load_model(weights_dir: str | Path, with_safety: bool = True, fast: bool = T
     ranks = settings.get_int("FLUX_CONTEXT_PARALLEL")
     if fast or ranks > 1:
         speed_up(model, ranks, warm=warm)
+    freeze_loaded_objects()
     return model
 
 

@@ -63,6 +63,30 @@ def test_path_strings_are_refused_before_anything_is_opened(predictor, path, mon
     assert opened == []
 
 
+def test_setup_hides_the_model_from_the_collector_and_requests_garbage_is_still_freed(
+    predictor, input_file, tmp_path, monkeypatch
+):
+    """setup() freezes what loading made (gc.freeze), so the full collection after each prediction
+    walks only the request's objects; a reference cycle left after setup is still freed by it."""
+    import gc
+    import weakref
+
+    transformer = predictor.model.components.transformer
+    assert gc.get_freeze_count() > 0 and not any(o is transformer for o in gc.get_objects())
+
+    class Cycle:
+        pass
+
+    cycle = Cycle()
+    cycle.me = cycle
+    alive = weakref.ref(cycle)
+    del cycle
+    monkeypatch.setenv("FLUX_OUTPUT_DIR", str(tmp_path / "out"))
+    monkeypatch.setattr("flux.pipeline.edit", _fake_edit)
+    predictor.predict(prompt="x", input_image=input_file, **DEFAULTS)
+    assert alive() is None
+
+
 def test_thirty_predictions_leave_a_bounded_number_of_outputs(predictor, input_file, tmp_path, monkeypatch):
     out_dir = tmp_path / "outputs"
     monkeypatch.setenv("FLUX_OUTPUT_DIR", str(out_dir))
