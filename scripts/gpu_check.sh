@@ -22,6 +22,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/torch-compile}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt" || true
 timeout 450 "$PY" -m flux.lab.gpu_check "$out" 2>&1 | tee "$out/gpu_check.log" || true
-# several GPUs: one edit across N = 2, 4, 8 of them against 1 (parallel.json); on one GPU it says it was skipped
+# several GPUs: one edit across N = 2, 4, 8 of them against 1, eager, then the most compiled (parallel.json);
+# on one GPU it says it was skipped
 timeout 480 "$PY" -m flux.lab.gpu_check "$out" --parallel 2>&1 | tail -5 | tee "$out/parallel.log" || true
 FLUX_DEVICE=cuda timeout 20 "$PY" scripts/train_proxy.py --quick --out /tmp/proxy_quick 2>&1 | tail -3 | tee "$out/train_proxy_quick.log"

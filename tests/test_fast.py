@@ -154,6 +154,7 @@ def test_gpu_check_rehearses_on_the_cpu(tmp_path):
     lora = report["modes"]["compiled"]["lora"]
     assert "error" not in lora, lora
     assert lora["merge_first_seconds"] > 0 and lora["edit_with_lora_seconds"] > 0 and lora["restore_seconds"] >= 0
+    assert report["collector"]["objects"] > 100_000 and report["collector"]["frozen_seconds"] >= 0
     assert report["cold_start"]["rc"] == 0
     assert set(report["cold_start"]["seconds"]) == {"build_random_weights", "fast_path", "warm_up"}
     assert report["cold_start"]["applied"]["compile_shapes"] == "dynamic"
@@ -161,7 +162,8 @@ def test_gpu_check_rehearses_on_the_cpu(tmp_path):
 
 def test_gpu_check_parallel_case_rehearses_on_the_cpu_and_skips_on_one_gpu(tmp_path, monkeypatch):
     """The several-GPU case at tiny size with 2 CPU processes: per-edit seconds for 1 and 2 ranks at
-    every level and the output difference to 1 rank; on a machine with one GPU it says it skipped."""
+    every level, eager, and for 2 ranks compiled (the eager backend here), and the output difference
+    to 1 rank; on a machine with one GPU it says it skipped."""
     import json
     import os
     import subprocess
@@ -173,13 +175,17 @@ def test_gpu_check_parallel_case_rehearses_on_the_cpu_and_skips_on_one_gpu(tmp_p
     root = Path(__file__).resolve().parent.parent
     command = [sys.executable, "-m", "flux.lab.gpu_check", str(tmp_path), "--parallel", "--preset", "tiny",
                "--device", "cpu"]  # fmt: skip
-    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=480, env={**os.environ})
+    env = {**os.environ, "FLUX_COMPILE_BACKEND": "eager"}
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=480, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "parallel.json").read_text())
     assert report["ranks"] == [1, 2] and report["2"]["applied"]["context_parallel"] == "ulysses x2"
+    assert "compile" not in report["2"]["applied"] and report["2 compiled"]["applied"]["compile"] == "eager"
     for level in ("none", "go fast", "go really fast"):
-        assert report["1"][level]["seconds_per_edit"] > 0 and report["2"][level]["seconds_per_edit"] > 0
-        assert report["2"]["difference_to_1"][level]["max_abs"] <= 1e-4
+        for run in ("1", "2", "2 compiled"):
+            assert report[run][level]["seconds_per_edit"] > 0
+        for run in ("2", "2 compiled"):
+            assert report[run]["difference_to_1"][level]["max_abs"] <= 1e-4
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     skipped = gpu_check.parallel_case(tmp_path, "tiny", torch.device("cuda"))
     assert skipped == {"skipped": "this machine has 1 GPU; the case needs 2 or more"}

@@ -33,6 +33,7 @@ from flux import lora, sizes
 from flux.device import dtype_for, release_memory, synchronize
 from flux.fast import FastSettings, compile_transformer, optimize, quantize_fp8, warm_up_sizes
 from flux.lab.benchmark import SIZES, input_image, psnr, run_project
+from flux.lab.collector import in_view_and_frozen
 from flux.lab.tiny import random_components
 from flux.pipeline import Model, lora_state, speed_up, warm_up
 
@@ -153,12 +154,15 @@ def cold_start(out: Path, preset: str, device: torch.device) -> dict:
 
 PARALLEL_RANKS = (1, 2, 4, 8)
 PARALLEL_IF_UNDER_S = 300  # a rank count starts only while this many seconds of the case have not passed
+PARALLEL_CASE_S = 460  # a rank count still running then is stopped (scripts/gpu_check.sh allows 480)
 
 
 def parallel_case(out: Path, preset: str, device: torch.device) -> dict:
     """Seconds per edit at the preset's size with N = 1, 2, 4, 8 ranks (context parallelism, as many as
-    the machine has GPUs; the CPU rehearsal: 1 and 2 processes), every level, eager, and each output's
-    difference to N = 1. Skipped, and said so, on a machine with one GPU. Writes parallel.json."""
+    the machine has GPUs; the CPU rehearsal: 1 and 2 processes), every level, eager, then the largest
+    N compiled as shipped (its 1-rank counterpart is gpu_check.json's "compiled" mode), and each
+    output's difference to N = 1 eager. Skipped, and said so, on a machine with one GPU. Writes
+    parallel.json."""
     available = torch.cuda.device_count() if device.type == "cuda" else 2
     ranks = [n for n in PARALLEL_RANKS if n <= available]
     figures: dict = {"ranks": ranks}
@@ -173,23 +177,19 @@ def parallel_case(out: Path, preset: str, device: torch.device) -> dict:
             figures["save_transformer_seconds"] = time.perf_counter() - started
             del c
             release_memory(device)
-            for n in ranks:
-                if time.perf_counter() - started > PARALLEL_IF_UNDER_S:
-                    figures[str(n)] = {"skipped": "not enough time left"}
-                    continue
-                command = [sys.executable, "-m", "flux.lab.gpu_check", str(folder), "--parallel-ranks", str(n),
-                           "--preset", preset, "--device", device.type]  # fmt: skip
-                env = {**os.environ, "FLUX_CONTEXT_PARALLEL": str(n), "FLUX_COMPILE": "0"}
-                done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-                result = folder / f"parallel-{n}.json"
-                figures[str(n)] = json.loads(result.read_text()) if result.exists() else {
-                    "error": done.stderr[-2000:]}  # fmt: skip
-            for n in ranks[1:]:
+            # the most ranks first after one (eager, then compiled as shipped), the counts between last
+            most = ranks[-1]
+            runs = [("1", 1, "0"), (str(most), most, "0"), (f"{most} compiled", most, "1")]
+            runs += [(str(n), n, "0") for n in ranks[1:-1]]
+            for name, n, compile_setting in runs:
+                figures[name] = _parallel_run(folder, name, n, compile_setting, preset, device, started)
+                (out / "parallel.json").write_text(json.dumps(figures, indent=2) + "\n")
+            for name, _, _ in runs[1:]:
                 for level in taylor_utils.ACCELERATION_LEVELS:
-                    one, many = (folder / f"latents-{k}-{level}.pt" for k in (1, n))
+                    one, many = (folder / f"latents-{k}-{level}.pt" for k in ("1", name))
                     if one.exists() and many.exists():
                         a, b = torch.load(one), torch.load(many)
-                        figures[str(n)].setdefault("difference_to_1", {})[level] = {
+                        figures[name].setdefault("difference_to_1", {})[level] = {
                             "max_abs": float((a - b).abs().max()), "rel_l2": float((a - b).norm() / a.norm())}  # fmt: skip
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -197,7 +197,24 @@ def parallel_case(out: Path, preset: str, device: torch.device) -> dict:
     return figures
 
 
-def parallel_ranks(folder: Path, ranks: int, preset: str, device: torch.device) -> dict:
+def _parallel_run(folder: Path, name: str, n: int, compile_setting: str, preset: str, device: torch.device,
+                  started: float) -> dict:  # fmt: skip
+    """One run of ``parallel_case`` (``n`` ranks) in a process of its own, within the case's time."""
+    if time.perf_counter() - started > PARALLEL_IF_UNDER_S:
+        return {"skipped": "not enough time left"}
+    left = PARALLEL_CASE_S - (time.perf_counter() - started)
+    command = [sys.executable, "-m", "flux.lab.gpu_check", str(folder), "--parallel-ranks", str(n),
+               "--name", name, "--preset", preset, "--device", device.type]  # fmt: skip
+    env = {**os.environ, "FLUX_CONTEXT_PARALLEL": str(n), "FLUX_COMPILE": compile_setting}
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=left)
+    except subprocess.TimeoutExpired:
+        return {"error": f"still running after {PARALLEL_CASE_S} s of the case; stopped"}
+    result = folder / f"parallel-{name}.json"
+    return json.loads(result.read_text()) if result.exists() else {"error": done.stderr[-2000:]}
+
+
+def parallel_ranks(folder: Path, ranks: int, name: str, preset: str, device: torch.device) -> dict:
     """One rank count of ``parallel_case``, in a process of its own (a process holds one process group):
     rank 0 with the saved transformer and random encoders and VAE, the product's own way to the
     other ranks (``pipeline.speed_up``), one timed edit per level."""
@@ -213,7 +230,7 @@ def parallel_ranks(folder: Path, ranks: int, preset: str, device: torch.device) 
     )
     model = Model(c, None, folder)
     start = time.perf_counter()
-    speed_up(model, ranks)
+    speed_up(model, ranks)  # compiled (and warmed up on every rank) where FLUX_COMPILE says so
     figures: dict = {
         "ready_seconds": time.perf_counter() - start,
         "applied": {k: str(v) for k, v in model.fast_path.items()},
@@ -224,13 +241,13 @@ def parallel_ranks(folder: Path, ranks: int, preset: str, device: torch.device) 
         _edit(c, image, (size, size), "go really fast", steps=4)  # the first call's one-time costs
         for level in taylor_utils.ACCELERATION_LEVELS:
             run = _edit(c, image, (size, size), level)
-            torch.save(run.pop("latents").float().cpu(), folder / f"latents-{ranks}-{level}.pt")
+            torch.save(run.pop("latents").float().cpu(), folder / f"latents-{name}-{level}.pt")
             run.pop("image")
             figures[level] = {k: v for k, v in run.items() if k != "phases"}
     finally:
         if model.workers is not None:
             model.workers.close()
-    (folder / f"parallel-{ranks}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (folder / f"parallel-{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
 
 
@@ -253,6 +270,9 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
     c = _build(preset, device)
     report["build_seconds"] = time.perf_counter() - start
     say(f"built the {preset} random model on {name} in {report['build_seconds']:.1f}s")
+    report["collector"] = in_view_and_frozen()  # and frozen from here on, as load_model leaves a server
+    say(f"one full garbage collection: {report['collector']['in_view_seconds']:.3f}s with the model in view, "
+        f"{report['collector']['frozen_seconds'] * 1e3:.2f} ms frozen")  # fmt: skip
     image = input_image(size, size)
     model = Model(c, None, Path(tempfile.gettempdir()))
     shipped = FastSettings.from_env()
@@ -370,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-start", action="store_true", help="one process start: build, fast path, warm-up")
     parser.add_argument("--parallel", action="store_true", help="instead: the several-GPU case (parallel.json)")
     parser.add_argument("--parallel-ranks", type=int, help="one rank count of that case (its own process)")
+    parser.add_argument("--name", help="with --parallel-ranks: the run's name in parallel.json")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check needs a CUDA GPU (--preset tiny --device cpu rehearses the same code)", file=sys.stderr)
@@ -378,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cold_start:
         print(json.dumps(cold_start(Path(args.out), args.preset, device)), flush=True)
     elif args.parallel_ranks:
-        parallel_ranks(Path(args.out), args.parallel_ranks, args.preset, device)
+        parallel_ranks(Path(args.out), args.parallel_ranks, args.name or str(args.parallel_ranks), args.preset, device)
     elif args.parallel:
         print(json.dumps(parallel_case(Path(args.out), args.preset, device)), flush=True)
     else:
