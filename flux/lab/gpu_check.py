@@ -60,6 +60,23 @@ def _edit(c, image, size: tuple[int, int], level: str, steps: int = STEPS) -> di
     }
 
 
+def _release_case(c, image, size: int, say) -> dict:
+    """What handing cached memory back after each prediction (``release_memory``, as run_edit does)
+    costs the next one: a "go really fast" edit right after the release against one right after
+    another edit, interleaved twice, the faster of each."""
+    after_release, after_edit = [], []
+    for _ in range(2):
+        release_memory(c.device)
+        after_release.append(_edit(c, image, (size, size), "go really fast")["seconds_per_edit"])
+        after_edit.append(_edit(c, image, (size, size), "go really fast")["seconds_per_edit"])
+    figures = {"after_release_seconds": min(after_release), "after_edit_seconds": min(after_edit)}
+    figures["release_cost_seconds"] = figures["after_release_seconds"] - figures["after_edit_seconds"]
+    say(
+        f"release: next edit {figures['after_release_seconds']:.3f}s after it, {figures['after_edit_seconds']:.3f}s without"
+    )
+    return figures
+
+
 def _unseen_sizes(c, base: int, say, mode: str) -> dict:
     """For sizes no warm-up edited: the first edit (any compile happens in it) and the next, "go fast"."""
     figures = {}
@@ -339,6 +356,7 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
                 modes[mode]["unseen_sizes"] = _unseen_sizes(c, size, say, mode)
             if mode == "compiled":
                 modes[mode]["references"] = _reference_case(c, image, size, say)
+                modes[mode]["release"] = _release_case(c, image, size, say)
             if mode in ("compiled", "compiled+fp8"):
                 modes[mode]["lora"] = _lora_case(c, image, size, say, lora_state(c, applied))
         except Exception as exc:  # record and go on: the other modes are still worth measuring
