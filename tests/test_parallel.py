@@ -98,7 +98,6 @@ def test_a_lora_on_every_rank_and_its_exact_restore(models, tiny_weights, tmp_pa
     monkeypatch.setenv("FLUX_LORA_CACHE", str(tmp_path / "cache"))
     write_lora(tmp_path / "site" / "l.safetensors", make_lora(single.transformer, "peft", rank=4, seed=1))
     image = random_image(64, 48, seed=6)
-    settings = {"prompt": "x", "seed": 4, "num_steps": 4}
     base = run_edit(parallel, image_bytes(image), "x", seed=4, num_steps=4, check_safety=False).latents
     with serve_tree(tmp_path / "site") as (url, _):
         with_lora = run_edit(parallel, image_bytes(image), "x", seed=4, num_steps=4, check_safety=False,
@@ -113,7 +112,6 @@ def test_a_lora_on_every_rank_and_its_exact_restore(models, tiny_weights, tmp_pa
     assert (with_lora - reference).abs().max().item() <= TOLERANCE and not torch.equal(with_lora, base)
     restored = run_edit(parallel, image_bytes(image), "x", seed=4, num_steps=4, check_safety=False).latents
     assert torch.equal(restored, base)
-    del settings
 
 
 def _running(pid: int) -> bool:
@@ -246,35 +244,53 @@ def test_through_the_cog_server_and_no_worker_after_shutdown(tiny_weights, tmp_p
 
 COMPILED = """
 import json, sys
+from pathlib import Path
 sys.path.insert(0, ROOT)
 import torch, torch._dynamo
 from flux.pipeline import load_model, run_edit
 from tests.conftest import image_bytes, random_image
+from flux.lab.loras import make_lora, write_lora
+from flux.lora_sources import LoraRequest
+from tests.weights_server import serve_tree
 model = load_model(WEIGHTS, with_safety=False)  # compiles in its warm-up, on both ranks
+write_lora(SITE / "l.safetensors", make_lora(model.components.transformer, "peft", rank=4, seed=1))
 before = model.workers.compiled_frames()
 seen = []
-with torch._dynamo.config.patch(error_on_recompile=True):
+with torch._dynamo.config.patch(error_on_recompile=True), serve_tree(SITE) as (url, _):
     for w, h in [(90, 60), (37, 100), (200, 199), (640, 90), (64, 64)]:
         seen.append(run_edit(model, image_bytes(random_image(w, h)), "x", seed=1, num_steps=4, check_safety=False).image.size)
+    references = [image_bytes(random_image(50, 90)), image_bytes(random_image(33, 33))]
+    for mode in ("offset", "stitch"):
+        run_edit(model, image_bytes(random_image(100, 70)), "x", seed=1, num_steps=4, check_safety=False,
+                 references=references, multi_image_mode=mode)
+    applied = []
+    for loras in ([LoraRequest(f"{url}/l.safetensors", 0.8)], []):  # a LoRA, then its restore
+        applied.append(len(run_edit(model, image_bytes(random_image(80, 80)), "x", seed=1, num_steps=6,
+                                    acceleration="go really fast", check_safety=False, loras=loras).report.loras))
 after = model.workers.compiled_frames()
 model.workers.close()
-print(json.dumps({"before": before, "after": after,
+print(json.dumps({"before": before, "after": after, "loras_applied": applied,
                   "sizes": seen, "fast_path": {k: str(v) for k, v in model.fast_path.items()}}))
 """
 
 
-def test_compiled_nothing_compiles_during_requests(tiny_weights):
+def test_compiled_nothing_compiles_during_requests(tiny_weights, tmp_path):
     """Dynamic shapes under context parallelism (dynamo, eager backend): the warm-up compiles, the
-    requests that follow, at other sizes, compile nothing on any rank (each rank's dynamo counter,
-    gathered from the worker too)."""
+    requests that follow, at other sizes, with references in two modes, with a LoRA and after its
+    restore, at another level, compile nothing on any rank (each rank's dynamo counter, gathered
+    from the worker too)."""
     import json
 
-    result = _run_rank_zero(COMPILED, tiny_weights, timeout=300, FLUX_COMPILE="1", FLUX_COMPILE_BACKEND="eager")
+    (tmp_path / "site").mkdir()
+    script = COMPILED.replace("SITE", f"Path({str(tmp_path / 'site')!r})")
+    result = _run_rank_zero(script, tiny_weights, timeout=300, FLUX_COMPILE="1", FLUX_COMPILE_BACKEND="eager",
+                            FLUX_LORA_CACHE=str(tmp_path / "cache"))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["fast_path"]["context_parallel"] == "ulysses x2" and report["fast_path"]["compile"] == "eager"
     assert len(report["before"]) == 2 and min(report["before"]) > 0  # the warm-up compiled on both ranks
     assert report["after"] == report["before"] and len({tuple(s) for s in report["sizes"]}) >= 4
+    assert report["loras_applied"] == [1, 0]
 
 
 def test_a_dead_worker_makes_the_cog_server_unhealthy(tiny_weights, tmp_path):
