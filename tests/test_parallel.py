@@ -313,6 +313,29 @@ def test_a_dead_worker_makes_the_cog_server_unhealthy(tiny_weights, tmp_path):
         assert "context-parallel worker exited" in body["error"] and "Traceback" not in body["error"]
 
 
+def test_when_rank_zero_itself_dies_the_server_says_unhealthy_and_no_worker_is_left(tiny_weights, tmp_path):
+    """On GPUs, NCCL's watchdog ends rank 0's process when a collective passes its deadline
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING's default). Its stand-in here: rank 0 (coglet's Python worker)
+    killed. The next prediction fails at once, /health-check says UNHEALTHY, the worker exits."""
+    from tests.cog_server import cog_server, data_uri
+
+    with cog_server(tiny_weights, tmp_path, env={"FLUX_CONTEXT_PARALLEL": "2"}) as server:
+        assert server.settled_health() == "READY"
+        (rank_zero,) = _children(server.process.pid)
+        (worker,) = _children(rank_zero)
+        os.kill(rank_zero, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and server.get("/health-check")[1]["status"] != "UNHEALTHY":
+            time.sleep(0.2)
+        assert server.get("/health-check")[1]["status"] == "UNHEALTHY"
+        status, body = server.predict(retry_busy=False, prompt="x", input_image=data_uri(image_bytes(random_image(32, 32))),
+                                      num_inference_steps=4)  # fmt: skip
+        assert body["status"] == "failed", (status, body)
+        while time.monotonic() < deadline + 5 and _running(worker):
+            time.sleep(0.2)
+        assert not _running(worker)
+
+
 def test_cancel_mid_edit_leaves_every_rank_in_step(tmp_path):
     """A cancel through the Cog server lands while rank 0 waits for a transformer call, which ends
     on every rank first: the prediction is canceled within a step, the next one succeeds and the
