@@ -93,6 +93,15 @@ class Server:
                 return status
             time.sleep(0.1)
 
+    def health_within(self, wanted: str, within_s: float = 10) -> str:
+        """The health status once it is ``wanted``, or whatever it is after ``within_s``."""
+        deadline = time.monotonic() + within_s
+        while True:
+            status = self.get("/health-check")[1]["status"]
+            if status == wanted or time.monotonic() > deadline:
+                return status
+            time.sleep(0.2)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flux.device import freeze_loaded_objects
+
 
 def _collection_seconds(repeats: int = 5) -> float:
     times = []
@@ -36,7 +38,7 @@ def in_view_and_frozen(repeats: int = 5) -> dict:
     gc.unfreeze()
     gc.collect()
     figures = {"objects": len(gc.get_objects()), "in_view_seconds": _collection_seconds(repeats)}
-    gc.freeze()
+    freeze_loaded_objects()
     figures["frozen_seconds"] = _collection_seconds(repeats)
     return figures
 
@@ -68,8 +70,7 @@ def predictions(count: int = 20) -> dict:
     for name, freeze in (("in view", False), ("frozen", True)):
         gc.unfreeze()
         if freeze:
-            gc.collect()
-            gc.freeze()
+            freeze_loaded_objects()
         start = time.perf_counter()
         for seed in range(count):
             run_edit(model, image, "x", seed=seed, num_steps=4)
