@@ -12,33 +12,42 @@ import pathlib
 from cog import BaseRunner, Input, Path, Secret
 
 import taylor_utils
-from flux import settings, sizes
-from flux.edit import (
+from flux import sizes
+from flux.config import Config
+from flux.errors import InputError
+from flux.images import save_image
+from flux.lora_sources import MAX_SOURCE_CHARS, lora_requests
+from flux.outputs import new_output_path, output_dir
+from flux.pipeline import Model, load_model, run_edit
+from flux.request import (
     DEFAULT_ACCELERATION,
     DEFAULT_GUIDANCE,
     DEFAULT_MULTI_IMAGE_MODE,
     DEFAULT_STEPS,
     MAX_GUIDANCE,
+    MAX_LORA_STRENGTH,
+    MAX_PROMPT_CHARS,
     MAX_SEED,
     MIN_GUIDANCE,
+    MIN_LORA_STRENGTH,
     MULTI_IMAGE_MODES,
+    OUTPUT_FORMATS,
+    EditRequest,
 )
-from flux.errors import InputError
-from flux.images import OUTPUT_FORMATS, save_image
-from flux.lora_sources import MAX_SOURCE_CHARS, MAX_STRENGTH, MIN_STRENGTH, LoraTokens, clean_partials, lora_requests
-from flux.outputs import new_output_path
-from flux.pipeline import MAX_PROMPT_CHARS, Model, load_model, run_edit
 
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
-        """Check the weights against the manifest, load them, apply the GPU fast path and warm it up."""
+        """Read the configuration, check the weights against the manifest, load them, apply the
+        GPU fast path and warm it up."""
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        weights_dir = settings.get("WEIGHTS_DIR")
-        clean_partials()  # a worker killed mid-download leaves its partial file behind
-        self.model: Model = load_model(weights_dir)
+        config = Config.from_env()
+        print(f"settings: {config.described()}")
+        self.model: Model = load_model(config)
+        self.outputs = output_dir(config.output_dir)
         phases = ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.model.seconds.items())
-        print(f"setup: {phases} ({weights_dir} on {self.model.components.device}; fast path {self.model.fast_path})")
+        fast_path = self.model.runtime.decided.summary() or "eager"
+        print(f"setup: {phases} ({config.weights_dir} on {self.model.components.device}; fast path {fast_path})")
 
     def healthcheck(self) -> bool:
         """Cog's health check: False once the model cannot edit (a context-parallel worker is gone),
@@ -90,13 +99,19 @@ class Predictor(BaseRunner):
             max_length=MAX_SOURCE_CHARS,
         ),
         lora_strength: float = Input(
-            description="How strongly the LoRA applies; 0 turns it off", ge=MIN_STRENGTH, le=MAX_STRENGTH, default=1.0
+            description="How strongly the LoRA applies; 0 turns it off",
+            ge=MIN_LORA_STRENGTH,
+            le=MAX_LORA_STRENGTH,
+            default=1.0,
         ),
         extra_lora_weights: str | None = Input(
             description="A second LoRA, the same sources", default=None, max_length=MAX_SOURCE_CHARS
         ),
         extra_lora_strength: float = Input(
-            description="How strongly the second LoRA applies", ge=MIN_STRENGTH, le=MAX_STRENGTH, default=1.0
+            description="How strongly the second LoRA applies",
+            ge=MIN_LORA_STRENGTH,
+            le=MAX_LORA_STRENGTH,
+            default=1.0,
         ),
         reference_images: list[Path] | None = Input(
             description=f"Up to {sizes.MAX_REFERENCES} more images to combine with the input image (a person and "
@@ -118,18 +133,17 @@ class Predictor(BaseRunner):
             default=None,
         ),
     ) -> Path:
-        image_file = accepted_file(input_image)
-        reference_files = [accepted_file(r, f"reference_images[{i}]") for i, r in enumerate(reference_images or [])]
-        loras = lora_requests(
-            (lora_weights, lora_strength, "lora_weights"),
-            (extra_lora_weights, extra_lora_strength, "extra_lora_weights"),
-        )
-        tokens = LoraTokens.for_request(_secret(hf_api_token), _secret(civitai_api_token))
-        result = run_edit(
-            self.model, image_file, prompt, aspect_ratio=aspect_ratio, num_steps=num_inference_steps,
-            guidance=guidance, seed=seed, acceleration=acceleration, check_safety=not disable_safety_checker,
-            loras=loras, references=reference_files, multi_image_mode=multi_image_mode, lora_tokens=tokens,
+        request = EditRequest(
+            prompt=prompt, image=accepted_file(input_image), aspect_ratio=aspect_ratio, num_steps=num_inference_steps,
+            guidance=guidance, seed=seed, acceleration=acceleration, output_format=output_format,
+            output_quality=output_quality, check_safety=not disable_safety_checker,
+            loras=lora_requests((lora_weights, lora_strength, "lora_weights"),
+                                (extra_lora_weights, extra_lora_strength, "extra_lora_weights")),
+            references=tuple(accepted_file(r, f"reference_images[{i}]") for i, r in enumerate(reference_images or [])),
+            multi_image_mode=multi_image_mode, hf_api_token=_secret(hf_api_token),
+            civitai_api_token=_secret(civitai_api_token),
         )  # fmt: skip
+        result = run_edit(self.model, request)
         report = result.report
         print(report.summary())
         self.record_metric("seed", report.seed)
@@ -139,8 +153,8 @@ class Predictor(BaseRunner):
             self.record_metric(f"seconds.{phase}", round(seconds, 4))
         if report.loras:
             self.record_metric("loras", report.loras)
-        out = save_image(result.image, new_output_path(output_format), output_format, output_quality)
-        return Path(out)
+        path = new_output_path(request.output_format, self.outputs)
+        return Path(save_image(result.image, path, request.output_format, request.output_quality))
 
     # The documented entry point. A partialmethod is not itself callable, so cog's inspector
     # sees run() as the one handler and starts without the predict() deprecation warning.

@@ -1,148 +1,223 @@
-"""Command line: python -m flux edit --image IN --prompt "..." --out OUT."""
+"""Command line: ``python -m flux edit --image IN --prompt "..." --out OUT`` edits an image;
+``python -m flux download --out DIR`` fetches the weights.
+
+``edit`` checks everything it can before it loads anything: the settings, the weights tree, every
+bound of the request, the images, and the output path (writable, its extension a supported
+format); an error names the flag and the edit never starts."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-from flux import sizes, weights
-from flux.edit import (
+from flux import images, sizes, weights
+from flux.config import Config
+from flux.errors import EditError, InputError, SetupError
+from flux.fetch import FetchError, WeightsRemote, fetch, pin
+from flux.lora_sources import lora_requests
+from flux.request import (
+    ACCELERATION_LEVELS,
     DEFAULT_ACCELERATION,
     DEFAULT_GUIDANCE,
     DEFAULT_MULTI_IMAGE_MODE,
+    DEFAULT_OUTPUT_QUALITY,
     DEFAULT_STEPS,
+    MAX_GUIDANCE,
+    MAX_LORA_STRENGTH,
     MAX_SEED,
+    MAX_STEPS,
+    MIN_GUIDANCE,
+    MIN_LORA_STRENGTH,
+    MIN_STEPS,
     MULTI_IMAGE_MODES,
-    check_seed,
+    EditRequest,
 )
-from flux.errors import EditError, InputError
 
-TINY_DIR = weights.PROJECT_ROOT / ".cache" / "tiny-weights"
-# the trained proxy (scripts/train_proxy.py), committed: a real edit on the CPU without the real weights
-PROXY_DIR = weights.PROJECT_ROOT / "flux" / "proxy_weights"
-
-
-def default_weights_dir() -> tuple[Path, str]:
-    """(directory, kind): ./weights when complete ("real"), else the committed trained proxy ("proxy"),
-    else the tiny random model generated on first use ("tiny")."""
-    if not weights.problems(weights.DEFAULT_WEIGHTS_DIR):
-        return weights.DEFAULT_WEIGHTS_DIR, "real"
-    if PROXY_DIR.is_dir() and not weights.problems(PROXY_DIR):
-        return PROXY_DIR, "proxy"
-    if weights.problems(TINY_DIR):
-        from flux.lab.tiny import make_tiny_weights
-
-        make_tiny_weights(TINY_DIR)
-    return TINY_DIR, "tiny"
+# the request's inputs by the flags that set them, so that an error names what the user typed
+FLAGS = {
+    "prompt": "--prompt", "input_image": "--image", "aspect_ratio": "--aspect-ratio", "num_inference_steps": "--steps",
+    "guidance": "--guidance", "seed": "--seed", "acceleration": "--acceleration", "output_format": "--out",
+    "output_quality": "--quality", "lora_weights": "--lora", "lora_strength": "--lora-strength",
+    "extra_lora_weights": "--extra-lora", "extra_lora_strength": "--extra-lora-strength",
+    "reference_images": "--reference", "multi_image_mode": "--multi-image-mode",
+}  # fmt: skip
+EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
+PROXY_BANNER = (
+    "No real weights in {configured}: running the small PROXY model trained on procedural edits\n"
+    "! (64x64 scenes of a circle and a square; it knows: {instructions}).\n"
+    "! Fetch the real FLUX.1 Kontext [dev] weights with: {fetch}"
+)
 
 
-BANNERS = {
-    "proxy": (
-        "No real weights in ./weights: running the small PROXY model trained on procedural edits\n"
-        "! (64x64 scenes of a circle and a square; it knows: " + "{prompts}).\n"
-        "! Fetch the real FLUX.1 Kontext [dev] weights with: python scripts/download_weights.py"
-    ),
-    "tiny": (
-        "No real weights in ./weights: running the TINY RANDOM model (the output is noise-like).\n"
-        "! Fetch the real weights with: python scripts/download_weights.py"
-    ),
-}
+def choose_weights(config: Config, given: Path | None = None, proxy: bool = False) -> tuple[Path, bool]:
+    """(weights folder, whether it is the proxy): ``given``; the committed proxy when asked; else the
+    configured folder (WEIGHTS_DIR, default ./weights) when complete; the proxy when that folder is
+    absent or empty. An incomplete one (a download cut short) is a SetupError listing what is
+    missing and how to fetch it, never a quiet fall back to the proxy."""
+    if given is not None:
+        return given, False
+    has_proxy = not weights.problems(weights.PROXY_DIR)
+    if proxy or (_absent(config.weights_dir) and has_proxy):
+        weights.require_complete(weights.PROXY_DIR)
+        return weights.PROXY_DIR, True
+    if config.weights_base_url or config.hf_token:
+        return config.weights_dir, False  # load_model fetches what is missing
+    try:
+        weights.require_complete(config.weights_dir)
+    except SetupError as exc:
+        raise SetupError(f"{exc}\nOr edit with the small proxy model: add --proxy" if has_proxy else str(exc)) from None
+    return config.weights_dir, False
+
+
+def _absent(folder: Path) -> bool:
+    return not folder.is_dir() or not any(folder.iterdir())
 
 
 def _parser() -> argparse.ArgumentParser:
-    import taylor_utils
-
-    parser = argparse.ArgumentParser(prog="python -m flux", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m flux", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("edit", help="edit an image with a text instruction")
-    e.add_argument("--weights", type=Path, help="weights directory (default: ./weights, else the tiny model)")
     e.add_argument("--image", required=True, type=Path, help="input image (jpeg, png, gif or webp)")
     e.add_argument("--prompt", required=True, help="the edit instruction")
-    e.add_argument("--out", required=True, type=Path, help="output file; its extension picks the format")
+    e.add_argument("--out", required=True, type=Path, help="output file: .png, .jpg, .jpeg or .webp picks the format")
+    e.add_argument("--weights", type=Path, help="weights folder (default: WEIGHTS_DIR, ./weights)")
+    e.add_argument("--proxy", action="store_true", help="edit with the small proxy model committed in the project")
     e.add_argument("--aspect-ratio", default=sizes.MATCH_INPUT, choices=sizes.ASPECT_RATIO_CHOICES)
-    e.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps, 4 to 50")
-    e.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    e.add_argument("--seed", type=_seed, default=None, help=f"0 to {MAX_SEED}; random when omitted (0 is a seed)")
-    e.add_argument("--acceleration", default=DEFAULT_ACCELERATION, choices=taylor_utils.ACCELERATION_LEVELS)
-    e.add_argument("--quality", type=int, default=95, help="webp/jpg quality, 0 to 100")
-    e.add_argument("--no-safety-checker", action="store_true")
+    e.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps, {MIN_STEPS} to {MAX_STEPS}")
+    e.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"{MIN_GUIDANCE:g} to {MAX_GUIDANCE:g}")
+    e.add_argument("--seed", type=int, default=None, help=f"0 to {MAX_SEED}; random when omitted (0 is a seed)")
+    e.add_argument("--acceleration", default=DEFAULT_ACCELERATION, choices=ACCELERATION_LEVELS)
+    e.add_argument("--quality", type=int, default=DEFAULT_OUTPUT_QUALITY, help="webp/jpg quality, 0 to 100")
+    e.add_argument("--no-safety-checker", action="store_true", help="do not check the edited image")
     e.add_argument(
         "--lora", help="LoRA: owner/name[/file.safetensors], or an http(s) URL (.safetensors, .tar, CivitAI)"
     )
-    e.add_argument("--lora-strength", type=float, default=1.0, help="-1 to 3; 0 turns it off")
+    e.add_argument("--lora-strength", type=float, default=1.0,
+                   help=f"{MIN_LORA_STRENGTH:g} to {MAX_LORA_STRENGTH:g}; 0 turns it off")  # fmt: skip
     e.add_argument("--extra-lora", help="a second LoRA, the same sources")
     e.add_argument("--extra-lora-strength", type=float, default=1.0)
     e.add_argument("--reference", action="append", type=Path, default=[], help="a reference image (up to 3; repeat)")
     e.add_argument("--multi-image-mode", default=DEFAULT_MULTI_IMAGE_MODE, choices=MULTI_IMAGE_MODES)
+    d = sub.add_parser("download", help="fetch the weights, each file verified against the manifest")
+    d.add_argument("--out", type=Path, help="weights folder (default: WEIGHTS_DIR, ./weights)")
+    d.add_argument("--base-url", help="a mirror or weights CDN laid out like the tree (default: WEIGHTS_BASE_URL)")
+    d.add_argument("--manifest", type=Path, default=weights.MANIFEST_PATH)
+    d.add_argument("--workers", type=int, default=8)
+    d.add_argument("--rehash", action="store_true", help="verify the sha256 of files already present")
+    d.add_argument("--pin", action="store_true", help="after the fetch, write sizes and sha256 into --manifest")
     return parser
 
 
-def _loras(args: argparse.Namespace) -> list:
-    from flux.lora_sources import lora_requests
-
-    return lora_requests(
-        (args.lora, args.lora_strength, "lora_weights"),
-        (args.extra_lora, args.extra_lora_strength, "extra_lora_weights"),
-    )
-
-
-def _seed(text: str) -> int:
-    """The seed, checked by the edit's own rule before the model is loaded."""
+def _read(path: Path, flag: str) -> bytes:
+    """The file's bytes, decoded once as an image to check it (an InputError naming the flag)."""
     try:
-        return check_seed(int(text))
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{flag} {path}: {exc.strerror}") from None
+    images.load_image(data, f"{flag} {path}")
+    return data
+
+
+def _output_format(path: Path) -> str:
+    """The format the extension picks, once the folder is known to be writable."""
+    if path.suffix.lower() not in EXTENSIONS:
+        raise InputError(f"--out {path}: the extension picks the format: .png, .jpg, .jpeg or .webp; "
+                         f"got {path.suffix or 'none'}")  # fmt: skip
+    if path.is_dir():
+        raise InputError(f"--out {path}: is a folder; give a file name")
+    folder = path.parent.resolve()
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"--out {path}: {folder} is not writable")
+    return EXTENSIONS[path.suffix.lower()]
+
+
+def request_from(args: argparse.Namespace) -> EditRequest:
+    """The request the flags ask for, every bound and file checked (nothing loaded yet)."""
+    try:
+        return EditRequest(
+            prompt=args.prompt, image=_read(args.image, "--image"), aspect_ratio=args.aspect_ratio,
+            num_steps=args.steps, guidance=args.guidance, seed=args.seed, acceleration=args.acceleration,
+            output_format=_output_format(args.out), output_quality=args.quality,
+            check_safety=not args.no_safety_checker,
+            loras=lora_requests((args.lora, args.lora_strength, "lora_weights"),
+                                (args.extra_lora, args.extra_lora_strength, "extra_lora_weights")),
+            references=tuple(_read(path, "--reference") for path in args.reference),
+            multi_image_mode=args.multi_image_mode,
+        )  # fmt: skip
     except InputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise _named_by_flag(exc) from None
 
 
-def _format_for(path: Path) -> str:
-    suffix = path.suffix.lower().lstrip(".")
-    return {"jpeg": "jpg"}.get(suffix, suffix) if suffix in ("png", "jpg", "jpeg", "webp") else "png"
+def _named_by_flag(exc: InputError) -> InputError:
+    message = str(exc)
+    if exc.field in FLAGS and message.startswith(exc.field):
+        message = FLAGS[exc.field] + message[len(exc.field) :]
+    return InputError(message, exc.field)
 
 
 def edit_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from flux.images import save_image
     from flux.pipeline import load_model, run_edit
 
-    if args.weights is None:
-        weights_dir, kind = default_weights_dir()
-        if kind != "real":
-            from flux.lab.scenes import PROMPTS
-
-            line = "!" * 78
-            text = BANNERS[kind].format(prompts="; ".join(PROMPTS))
-            print(f"{line}\n! {text}\n! Weights: {weights_dir}\n{line}", file=sys.stderr)
-    else:
-        weights_dir = args.weights
+    config = Config.from_env()
+    request = request_from(args)
+    weights_dir, is_proxy = choose_weights(config, args.weights, args.proxy)
+    if is_proxy:
+        instructions = "; ".join(
+            weights.load_manifest(weights_dir / weights.TREE_MANIFEST_NAME).get("instructions", [])
+        )
+        text = PROXY_BANNER.format(configured=config.weights_dir, instructions=instructions,
+                                   fetch=weights.FETCH_COMMAND.format(dir=config.weights_dir))  # fmt: skip
+        print(f"{'!' * 78}\n! {text}\n! Weights: {weights_dir}\n{'!' * 78}", file=sys.stderr)
     start = time.perf_counter()
-    model = load_model(weights_dir, with_safety=not args.no_safety_checker, warm=False)
+    model = load_model(dataclasses.replace(config, weights_dir=weights_dir), with_safety=request.check_safety,
+                       warm=False)  # fmt: skip
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in model.seconds.items())
     print(f"load: {time.perf_counter() - start:.2f}s ({phases}; {weights_dir})", file=sys.stderr)
-    bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr)
+    bar = tqdm(total=request.num_steps, desc="denoise", unit="step", file=sys.stderr)
 
     def on_step(i: int, total: int, computed: bool) -> None:
         bar.set_postfix_str("computed" if computed else "forecast")
         bar.update(1)
 
     try:
-        result = run_edit(
-            model, args.image, args.prompt, aspect_ratio=args.aspect_ratio, num_steps=args.steps,
-            guidance=args.guidance, seed=args.seed, acceleration=args.acceleration,
-            check_safety=not args.no_safety_checker, on_step=on_step, loras=_loras(args),
-            references=args.reference, multi_image_mode=args.multi_image_mode,
-        )  # fmt: skip
+        result = run_edit(model, request, on_step=on_step)
     finally:
         bar.close()
+        model.close()
     report = result.report
     for phase, seconds in report.seconds.items():
         print(f"{phase}: {seconds:.2f}s", file=sys.stderr)
     print(report.summary(), file=sys.stderr)
-    save_image(result.image, args.out, _format_for(args.out), args.quality)
+    images.save_image(result.image, args.out, request.output_format, request.output_quality)
     print(f"wrote {args.out} ({result.image.width}x{result.image.height})")
+    return 0
+
+
+def download_command(args: argparse.Namespace) -> int:
+    config = Config.from_env()
+    remote = WeightsRemote.from_config(config)
+    if args.base_url:
+        remote = dataclasses.replace(remote, base_url=args.base_url.rstrip("/"))
+    out = args.out or config.weights_dir
+    report = fetch(out, json.loads(args.manifest.read_text()), remote, workers=args.workers, rehash=args.rehash)
+    print(
+        f"{len(report.downloaded)} files downloaded ({report.bytes_downloaded / 1e9:.2f} GB), "
+        f"{len(report.skipped)} already verified, in {report.seconds:.1f}s"
+    )
+    if args.pin:
+        pinned = pin(out, args.manifest)
+        print(f"pinned {len(pinned['files'])} files, {pinned['total_size'] / 1e9:.2f} GB, into {args.manifest}")
     return 0
 
 
@@ -150,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     try:
-        return edit_command(args)
-    except (InputError, EditError, FileNotFoundError) as exc:
+        return edit_command(args) if args.command == "edit" else download_command(args)
+    except (InputError, EditError, SetupError, FetchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

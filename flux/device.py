@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from flux import settings
-from flux.errors import InputError
+from flux.errors import SetupError
 
 
-def pick_device() -> torch.device:
-    """CUDA when present (unless FLUX_DEVICE says otherwise), else the CPU.
-
-    A FLUX_DEVICE this machine cannot honour is a clear error here, not a trace from the first
-    tensor moved to it.
-    """
-    wanted = settings.get("FLUX_DEVICE")
+def pick_device(wanted: str | None = None) -> torch.device:
+    """``wanted`` (FLUX_DEVICE: cpu, cuda or cuda:N, checked by the configuration), else CUDA when
+    present, else the CPU. A device this machine cannot honour is a SetupError here, not a trace
+    from the first tensor moved to it."""
     if not wanted:
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(wanted)
-    except RuntimeError:
-        raise InputError(f"FLUX_DEVICE={wanted!r} is not a device (use cpu, cuda or cuda:N)") from None
+    device = torch.device(wanted)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"FLUX_DEVICE={wanted!r} asks for CUDA, but this machine has no CUDA device")
-    if device.type not in ("cpu", "cuda"):
-        raise InputError(f"FLUX_DEVICE={wanted!r}: only cpu and cuda are supported")
+        raise SetupError(f"FLUX_DEVICE={wanted!r} asks for CUDA, but this machine has no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SetupError(f"FLUX_DEVICE={wanted!r}: this machine has {torch.cuda.device_count()} CUDA devices")
     return device
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -23,45 +22,23 @@ from PIL import Image
 import taylor_utils
 from flux import images, schedule, sizes
 from flux.device import release_memory, synchronize
-from flux.errors import EditError, InputError
+from flux.errors import EditError
 from flux.loading import Components
+from flux.request import DEFAULT_ACCELERATION, DEFAULT_GUIDANCE, DEFAULT_MULTI_IMAGE_MODE, DEFAULT_STEPS
 
 log = logging.getLogger(__name__)
 
 T5_MAX_TOKENS = 512
-# a request's defaults and bounds, for the Cog inputs, the command line and the pipeline alike
-DEFAULT_STEPS = 28
-DEFAULT_GUIDANCE = 2.5
-MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 10.0
-DEFAULT_ACCELERATION = "go fast"
-DEFAULT_MULTI_IMAGE_MODE = "offset"
 # Two derivative terms: the smallest order that follows the curvature of the trajectory, which
 # is what TaylorSeer adds over linear extrapolation (see README, "Acceleration").
 DEFAULT_N_DERIVATIVES = 2
-# The noise generator (torch's CPU Mersenne Twister) keeps only the low 32 bits of a seed, so
-# 0..2**32-1 is the whole range of distinct seeds; anything outside it would alias one inside.
-MAX_SEED = 2**32 - 1
-# Where reference images go in the conditioning sequence (the released model was not trained for
-# several images; these are the placements in use, see README "Several input images").
-MULTI_IMAGE_MODES = ("offset", "stitch", "index")
 
 
-def clean_prompt(prompt: str) -> str:
-    """The prompt without control characters (tabs and line breaks become spaces), trimmed."""
-    kept = (" " if ch.isspace() else ch for ch in prompt if ch.isspace() or unicodedata.category(ch) != "Cc")
-    return "".join(kept).strip()
-
-
-def check_seed(seed: int) -> int:
-    if not 0 <= seed <= MAX_SEED:
-        raise InputError(f"seed must be between 0 and {MAX_SEED}, or left blank for a random one; got {seed}")
-    return seed
-
-
-@dataclass
-class EditSettings:
-    """What a request can ask for, checked when made (InputError). The prompt is stored cleaned
-    (``clean_prompt``)."""
+@dataclass(frozen=True)
+class EditPlan:
+    """One edit as it will run, everything decided: the prompt (clean), the output size, the seed,
+    the schedule and the conditioning layout (None: derived from the images, see ``prepare``).
+    What a caller may ask for is checked before, in ``flux.request``."""
 
     prompt: str
     width: int
@@ -71,30 +48,11 @@ class EditSettings:
     guidance: float = DEFAULT_GUIDANCE
     acceleration: str = DEFAULT_ACCELERATION
     multi_image_mode: str = DEFAULT_MULTI_IMAGE_MODE
+    layout: sizes.ConditioningLayout | None = None
 
     def __post_init__(self) -> None:
-        self.prompt = clean_prompt(self.prompt or "")
-        if not self.prompt:
-            raise InputError(
-                "prompt is empty (control characters and spaces do not count); say what to change in the image"
-            )
-        check_seed(self.seed)
-        _check_choice("multi_image_mode", self.multi_image_mode, MULTI_IMAGE_MODES)
-        _check_choice("acceleration", self.acceleration, taylor_utils.ACCELERATION_LEVELS)
-        _check_range("num_inference_steps", self.num_steps, taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS)
-        _check_range("guidance", self.guidance, MIN_GUIDANCE, MAX_GUIDANCE)
         if self.width % sizes.MULTIPLE or self.height % sizes.MULTIPLE:
-            raise InputError(f"width and height must be multiples of {sizes.MULTIPLE}; got {self.width}x{self.height}")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InputError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _check_range(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise InputError(f"{name} must be between {low:g} and {high:g}; got {value:g}")
+            raise ValueError(f"width and height must be multiples of {sizes.MULTIPLE}; got {self.width}x{self.height}")
 
 
 class ForecastCache(Protocol):
@@ -117,7 +75,8 @@ class LabOverrides:
     # default: the acceleration level's map; else a computed-step map of length num_steps (a
     # sequence the loop reads once per step, in order, so it may decide as the loop goes)
     step_map: Sequence[bool] | None = None
-    # (width, height) of the conditioning image; default: the preferred Kontext resolution
+    # (width, height) of the conditioning image; default: the preferred Kontext resolution (for a
+    # plan without a layout)
     condition_size: tuple[int, int] | None = None
     # the side whose square the references share (sizes.reference_size); default: the model's
     reference_base: int | None = None
@@ -256,24 +215,19 @@ def offset_placements(grids: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def encode_conditioning(
-    components: Components,
-    image: Image.Image,
-    references: list[Image.Image],
-    mode: str,
-    condition_size: tuple[int, int],
-    base: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The conditioning tokens (1, M, 64) and their ids (M, 3): the input image at ``condition_size``,
-    then the references (all together within one image's token budget, ``sizes.reference_size``):
-    "offset": first coordinate 1, placed beside or below on a growing canvas; "index": reference k
-    with first coordinate k + 1; "stitch": everything joined side by side into one image."""
-    first = images.resize(image, *condition_size)
+    components: Components, image: Image.Image, references: list[Image.Image], mode: str,
+    layout: sizes.ConditioningLayout,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The conditioning tokens (1, M, 64) and their ids (M, 3): the input image and the references at
+    their ``layout`` sizes. "offset": first coordinate 1, each image placed beside or below on a
+    growing canvas; "index": reference k with first coordinate k + 1; "stitch": everything joined
+    side by side into one image."""
+    first = images.resize(image, *layout.condition)
     if not references:
         return encode_image(components, first)
-    base = base or base_side(components)
-    parts = [first] + [images.resize(r, *sizes.reference_size(*r.size, len(references), base)) for r in references]
+    parts = [first] + [images.resize(r, *size) for r, size in zip(references, layout.references, strict=True)]
     if mode == "stitch":
-        return encode_image(components, images.stitch(parts, sizes.stitched_size([p.size for p in parts], base)))
+        return encode_image(components, images.stitch(parts, layout.stitched))
     if mode == "index":
         encoded = [encode_image(components, part, first=1.0 + k) for k, part in enumerate(parts)]
     else:
@@ -314,25 +268,31 @@ class LoopInputs:
 
 
 def prepare(
-    components: Components, image: Image.Image, settings: EditSettings, references: list[Image.Image], lab: LabOverrides
+    components: Components, image: Image.Image, plan: EditPlan, references: list[Image.Image], lab: LabOverrides
 ) -> LoopInputs:
     """Encode the prompt and the conditioning images, draw the noise, lay out the positions and the sigmas."""
-    prompt_embeds, pooled, text_ids = encode_prompt(components, settings.prompt)
-    condition_size = lab.condition_size or sizes.conditioning_size(*image.size, base_side(components))
-    image_latents, image_ids = encode_conditioning(
-        components, image, references, settings.multi_image_mode, condition_size, lab.reference_base
-    )
-    latents = initial_noise(components, settings.seed, settings.width, settings.height)
-    rows, columns = settings.height // sizes.MULTIPLE, settings.width // sizes.MULTIPLE
+    prompt_embeds, pooled, text_ids = encode_prompt(components, plan.prompt)
+    layout = plan.layout or sizes.conditioning_layout(
+        image.size, [r.size for r in references], plan.multi_image_mode, base_side(components), lab.condition_size,
+        lab.reference_base,
+    )  # fmt: skip
+    image_latents, image_ids = encode_conditioning(components, image, references, plan.multi_image_mode, layout)
+    latents = initial_noise(components, plan.seed, plan.width, plan.height)
+    rows, columns = plan.height // sizes.MULTIPLE, plan.width // sizes.MULTIPLE
     ids = torch.cat([position_ids(rows, columns, 0.0, components.device, components.dtype), image_ids], dim=0)
     guidance = None
     if components.transformer.config.guidance_embeds:
-        guidance = torch.full([1], settings.guidance, device=components.device, dtype=torch.float32)
-    sigmas = schedule.sigmas_for(components.scheduler, settings.num_steps, latents.shape[1])
+        guidance = torch.full([1], plan.guidance, device=components.device, dtype=torch.float32)
+    sigmas = schedule.sigmas_for(components.scheduler, plan.num_steps, latents.shape[1])
     return LoopInputs(latents, image_latents, ids, prompt_embeds, pooled, text_ids, sigmas, guidance)
 
 
-def transformer_prediction(components: Components, inputs: LoopInputs) -> Callable[[torch.Tensor, int], torch.Tensor]:
+TransformerCall = Callable[..., tuple[torch.Tensor, ...]]
+
+
+def transformer_prediction(
+    components: Components, inputs: LoopInputs, call: TransformerCall
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """The transformer as the loop sees it: (latents, step) -> the target tokens' prediction.
     Only the target tokens are used and cached: the forecast is elementwise, so caching the
     conditioning tokens too (as the public reference does) changes no target value."""
@@ -341,7 +301,7 @@ def transformer_prediction(components: Components, inputs: LoopInputs) -> Callab
         # diffusers passes the scheduler's timestep (sigma * 1000) cast to the latents' dtype and
         # divides it by 1000 again; the same round trip keeps the loop bit for bit with its pipeline
         t = (inputs.sigmas[step] * 1000.0).to(components.device).expand(latents.shape[0]).to(latents.dtype)
-        output = components.transformer(
+        output = call(
             hidden_states=torch.cat([latents, inputs.image_latents], dim=1),
             timestep=t / 1000,
             guidance=None if inputs.guidance is None else inputs.guidance.expand(latents.shape[0]),
@@ -349,7 +309,6 @@ def transformer_prediction(components: Components, inputs: LoopInputs) -> Callab
             encoder_hidden_states=inputs.prompt_embeds,
             txt_ids=inputs.text_ids,
             img_ids=inputs.ids,
-            return_dict=False,
         )[0]
         return output[:, : latents.shape[1]]
 
@@ -397,37 +356,34 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
 def edit(
     components: Components,
     image: Image.Image,
-    settings: EditSettings,
+    plan: EditPlan,
     on_step: StepCallback | None = None,
     lab: LabOverrides | None = None,
     references: list[Image.Image] | None = None,
+    transformer: TransformerCall | None = None,
 ) -> EditResult:
-    """Run one edit. ``image`` and ``references`` are RGB images (see ``images.load_image``)."""
+    """Run one edit. ``image`` and ``references`` are RGB images (see ``images.load_image``).
+    ``transformer``: how the transformer is called (the product's runtime, on one device or
+    several); default: ``components.transformer`` itself."""
     references = references or []
     lab = lab or LabOverrides()
-    report = EditReport(seed=settings.seed, acceleration=settings.acceleration, num_steps=settings.num_steps)
+    call = transformer or (lambda **inputs: components.transformer(**inputs, return_dict=False))
+    report = EditReport(seed=plan.seed, acceleration=plan.acceleration, num_steps=plan.num_steps)
     seconds = report.seconds
     cache = lab.cache or taylor_utils.TaylorCache(n_derivatives=DEFAULT_N_DERIVATIVES)
     cache.reset()
-    step_map = lab.step_map or taylor_utils.compute_step_map(settings.acceleration, settings.num_steps)
-    if len(step_map) != settings.num_steps:
-        raise ValueError(f"a step map needs {settings.num_steps} entries; got {len(step_map)}")
+    step_map = lab.step_map or taylor_utils.compute_step_map(plan.acceleration, plan.num_steps)
+    if len(step_map) != plan.num_steps:
+        raise ValueError(f"a step map needs {plan.num_steps} entries; got {len(step_map)}")
     try:
         with _Timer(components.device, seconds, "encode"):
-            inputs = prepare(components, image, settings, references, lab)
+            inputs = prepare(components, image, plan, references, lab)
         with _Timer(components.device, seconds, "denoise"):
-            latents = denoise(
-                transformer_prediction(components, inputs),
-                inputs.latents,
-                inputs.sigmas,
-                step_map,
-                cache,
-                report,
-                on_step,
-            )
+            prediction = transformer_prediction(components, inputs, call)
+            latents = denoise(prediction, inputs.latents, inputs.sigmas, step_map, cache, report, on_step)
         _check_finite(latents, "final latents")
         with _Timer(components.device, seconds, "decode"):
-            decoded = decode(components, latents, settings.width, settings.height)
+            decoded = decode(components, latents, plan.width, plan.height)
         _check_finite(decoded, "decoded image")
     except torch.OutOfMemoryError:
         cache.reset()

@@ -1,7 +1,7 @@
 """The weights fetcher: parallel, resumable (HTTP Range), verified before a file reaches its final path.
 
 Files come from the Hugging Face Hub (``HF_ENDPOINT``, at each source's pinned revision) or from
-any plain HTTPS mirror laid out like the weights tree (``base_url``, ``WEIGHTS_BASE_URL``). A file the
+any plain HTTPS mirror laid out like the weights tree (``WEIGHTS_BASE_URL``): ``WeightsRemote``. A file the
 manifest gives no sha256 for is checked against what the Hub reports for it at the pinned revision
 (its LFS sha256, or the git blob hash of a small file), so no file is accepted on its size alone
 when a hash can be had. Each file is written to ``PATH.part``,
@@ -25,13 +25,27 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flux import settings, weights
-from flux.outbound import Clock, Credential, FetchError, download, get_json, limits_from_env, open_url
+from flux import weights
+from flux.outbound import (
+    PUBLIC_ONLY,
+    AddressPolicy,
+    Clock,
+    Credential,
+    FetchError,
+    FetchLimits,
+    download,
+    get_json,
+    open_url,
+)
+
+if TYPE_CHECKING:
+    from flux.config import Config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FetchError", "FetchReport", "fetch", "pin"]
+__all__ = ["FetchError", "FetchReport", "WeightsRemote", "fetch", "pin"]
 
 
 @dataclass
@@ -42,30 +56,42 @@ class FetchReport:
     seconds: float = 0.0
 
 
-def hf_endpoint() -> str:
-    """The Hugging Face Hub's address (HF_ENDPOINT, as huggingface_hub reads it)."""
-    return settings.get("HF_ENDPOINT").rstrip("/")
+@dataclass(frozen=True)
+class WeightsRemote:
+    """Where the weights come from and the rules of the fetch: the Hub (``hf_endpoint``) at each
+    source's pinned revision, or a mirror laid out like the tree (``base_url``); the operator's
+    token; the address rule and the bounds (no deadline: a weights file resumes instead)."""
+
+    hf_endpoint: str = "https://huggingface.co"
+    base_url: str | None = None
+    token: str | None = None
+    policy: AddressPolicy = PUBLIC_ONLY
+    limits: FetchLimits = FetchLimits(deadline_s=None, min_rate=100_000, window_s=30)
+
+    @classmethod
+    def from_config(cls, config: Config) -> WeightsRemote:
+        return cls(config.hf_endpoint, config.weights_base_url, config.hf_token, config.fetch_policy,
+                   config.fetch_limits(deadline=False))  # fmt: skip
+
+    @property
+    def credential(self) -> Credential | None:
+        """The operator's token for the weights: to the Hub (https), HF_ENDPOINT and the mirror the operator named."""
+        return Credential(self.token, "huggingface.co", (self.hf_endpoint, self.base_url or "")) if self.token else None
+
+    def file_url(self, entry: dict, manifest: dict) -> str:
+        if self.base_url:
+            return self.base_url.rstrip("/") + "/" + entry["path"]
+        source = manifest["sources"][entry["source"]]
+        revision = source.get("revision") or "main"
+        return f"{self.hf_endpoint}/{source['repository']}/resolve/{revision}/{urllib.parse.quote(entry['remote'])}"
 
 
-def weights_credential(token: str | None, base_url: str | None = None) -> Credential | None:
-    """The operator's token for the weights: to the Hub (https), HF_ENDPOINT and the mirror the operator named."""
-    return Credential(token, "huggingface.co", (hf_endpoint(), base_url or "")) if token else None
-
-
-def file_url(entry: dict, manifest: dict, base_url: str | None) -> str:
-    if base_url:
-        return base_url.rstrip("/") + "/" + entry["path"]
-    source = manifest["sources"][entry["source"]]
-    revision = source.get("revision") or "main"
-    return f"{hf_endpoint()}/{source['repository']}/resolve/{revision}/{urllib.parse.quote(entry['remote'])}"
-
-
-def hub_file_info(repository: str, revision: str, paths: list[str], credential: Credential | None) -> dict[str, dict]:
+def hub_file_info(remote: WeightsRemote, repository: str, revision: str, paths: list[str]) -> dict[str, dict]:
     """What the Hub reports for files at a revision: {path: {"size", "sha256" (LFS files) or "git_sha1"}}."""
-    url = f"{hf_endpoint()}/api/models/{repository}/paths-info/{revision}"
+    url = f"{remote.hf_endpoint}/api/models/{repository}/paths-info/{revision}"
     body = urllib.parse.urlencode([("paths", p) for p in paths] + [("expand", "true")]).encode()
     listing = get_json(
-        url, limits=limits_from_env(), credential=credential, method="POST", data=body,
+        url, limits=remote.limits, policy=remote.policy, credential=remote.credential, method="POST", data=body,
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )  # fmt: skip
     info = {}
@@ -78,7 +104,7 @@ def hub_file_info(repository: str, revision: str, paths: list[str], credential: 
     return info
 
 
-def with_hub_hashes(manifest: dict, credential: Credential | None) -> dict:
+def with_hub_hashes(manifest: dict, remote: WeightsRemote) -> dict:
     """The manifest, with the Hub's size and hash filled in for every file it has no sha256 for."""
     missing: dict[str, list[dict]] = {}
     for entry in manifest["files"]:
@@ -92,7 +118,7 @@ def with_hub_hashes(manifest: dict, credential: Credential | None) -> dict:
         source = manifest["sources"][name]
         revision = source.get("revision") or "main"
         try:
-            info = hub_file_info(source["repository"], revision, [e["remote"] for e in entries], credential)
+            info = hub_file_info(remote, source["repository"], revision, [e["remote"] for e in entries])
         except FetchError as exc:
             log.warning(
                 "could not ask the Hub for the hashes of %d files of %s@%s (%s): they are checked by size only",
@@ -163,19 +189,19 @@ def fetch_file(
     entry: dict,
     manifest: dict,
     root: Path,
-    base_url: str | None = None,
-    token: str | None = None,
+    remote: WeightsRemote,
     on_bytes: Callable[[int], None] = lambda n: None,
     **download_options,
 ) -> int:
     """Download one manifest entry into ``root``; returns the bytes transferred."""
     target = root / entry["path"]
     partial = target.with_name(target.name + ".part")
-    url = file_url(entry, manifest, base_url)
+    url = remote.file_url(entry, manifest)
     expected = entry.get("size")
+    token = remote.token
     try:
         transferred = download(
-            url, partial, limits=limits_from_env(deadline=False), credential=weights_credential(token, base_url),
+            url, partial, limits=remote.limits, policy=remote.policy, credential=remote.credential,
             expected=expected, on_bytes=on_bytes, **download_options,
         )  # fmt: skip
     except FetchError as exc:
@@ -207,11 +233,11 @@ def fetch_file(
     return transferred
 
 
-def _remote_size(entry: dict, manifest: dict, base_url: str | None, token: str | None) -> int | None:
-    clock = Clock(limits_from_env())
-    credential = weights_credential(token, base_url)
+def _remote_size(entry: dict, manifest: dict, remote: WeightsRemote) -> int | None:
+    clock = Clock(remote.limits)
+    url = remote.file_url(entry, manifest)
     try:
-        with open_url(file_url(entry, manifest, base_url), clock=clock, credential=credential, method="HEAD") as r:
+        with open_url(url, clock=clock, credential=remote.credential, method="HEAD", policy=remote.policy) as r:
             length = r.headers.get("Content-Length")
             return int(length) if r.status_code < 400 and length and length.isdigit() else None
     except FetchError:
@@ -232,8 +258,7 @@ def _check_free_disk(root: Path, sizes: dict[str, int | None]) -> None:
 def fetch(
     out_dir: str | Path,
     manifest: dict | None = None,
-    base_url: str | None = None,
-    token: str | None = None,
+    remote: WeightsRemote = WeightsRemote(),
     workers: int = 8,
     rehash: bool = False,
     progress: bool = True,
@@ -244,9 +269,8 @@ def fetch(
     manifest = manifest if manifest is not None else weights.load_manifest()
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    token = token if token is not None else settings.get("HF_TOKEN") or None
     given = manifest
-    manifest = with_hub_hashes(manifest, weights_credential(token, base_url))
+    manifest = with_hub_hashes(manifest, remote)
     report = FetchReport()
     todo = []
     for entry in manifest["files"]:
@@ -259,7 +283,7 @@ def fetch(
             _set_aside(root, target)
         todo.append(entry)
     if todo:
-        sizes = {e["path"]: e.get("size") or _remote_size(e, manifest, base_url, token) for e in todo}
+        sizes = {e["path"]: e.get("size") or _remote_size(e, manifest, remote) for e in todo}
         _check_free_disk(root, sizes)
         bar = _Progress(sum(s or 0 for s in sizes.values()), progress)
         errors: list[str] = []
@@ -267,7 +291,7 @@ def fetch(
 
         def one(entry: dict) -> None:
             try:
-                n = fetch_file(entry, manifest, root, base_url, token, on_bytes=bar.add, **file_options)
+                n = fetch_file(entry, manifest, root, remote, on_bytes=bar.add, **file_options)
                 with lock:
                     report.downloaded.append(entry["path"])
                     report.bytes_downloaded += n

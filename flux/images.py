@@ -125,11 +125,8 @@ def to_pil(decoded: torch.Tensor) -> Image.Image:
 
 
 def save_image(image: Image.Image, path: str | os.PathLike, output_format: str, quality: int = 80) -> Path:
-    """Write atomically: a reader sees the whole file or none (never a half-written one)."""
-    if output_format not in OUTPUT_FORMATS:
-        raise InputError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}")
-    if not 0 <= quality <= 100:
-        raise InputError(f"output_quality must be between 0 and 100; got {quality}")
+    """Write atomically: a reader sees the whole file or none (never a half-written one).
+    ``output_format``: one of OUTPUT_FORMATS; ``quality`` 0 to 100 (flux.request checks both)."""
     path = Path(path)
     options: dict = {}
     if output_format in ("webp", "jpg"):

@@ -29,11 +29,30 @@ class Components:
     dtype: torch.dtype
 
 
+def place_vae(vae: torch.nn.Module, device: torch.device) -> None:
+    """On CUDA the VAE's convolutions run channels_last (faster there; a no-op elsewhere)."""
+    if device.type == "cuda":
+        vae.to(memory_format=torch.channels_last)
+
+
+def load_transformer(weights_dir: str | Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The transformer of a weights tree, offline, on ``device`` in ``dtype``."""
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(Path(weights_dir) / "transformer", local_files_only=True,
+                                                         dtype=dtype)  # fmt: skip
+    return transformer.to(device).eval()
+
+
 def load_components(
-    weights_dir: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None
+    weights_dir: str | Path,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    transformer: torch.nn.Module | None = None,
 ) -> Components:
-    """Load the Kontext components with ``from_pretrained(..., local_files_only=True)``."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    """Load the Kontext components with ``from_pretrained(..., local_files_only=True)``; the
+    transformer too unless one is given (the runtime's, already made fast)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     root = Path(weights_dir)
@@ -45,7 +64,7 @@ def load_components(
         return cls.from_pretrained(root / sub, local_files_only=True, **kwargs)
 
     components = Components(
-        transformer=load(FluxTransformer2DModel, "transformer", dtype=dtype).to(device).eval(),
+        transformer=transformer if transformer is not None else load_transformer(root, device, dtype),
         vae=load(AutoencoderKL, "vae", dtype=dtype).to(device).eval(),
         text_encoder=load(CLIPTextModel, "text_encoder", dtype=dtype).to(device).eval(),
         text_encoder_2=load(T5EncoderModel, "text_encoder_2", dtype=dtype).to(device).eval(),
@@ -55,5 +74,6 @@ def load_components(
         device=device,
         dtype=dtype,
     )
+    place_vae(components.vae, device)
     log.info("loaded %s on %s in %s in %.1fs", root, device, dtype, time.perf_counter() - start)
     return components

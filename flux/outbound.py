@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpcore2
 import httpx2
-from httpcore2._backends.sync import SyncBackend
-
-from flux import settings
 
 MAX_REDIRECTS = 5
 USER_AGENT = "flux-kontext-cog/1"
@@ -76,7 +75,8 @@ class Allowed:
 
 
 def parse_allowed(text: str) -> tuple[Allowed, ...]:
-    """FLUX_FETCH_ALLOW's entries: ``host``, ``host:port``, ``1.2.3.4``, ``10.0.0.0/8``, ``[::1]:9000``."""
+    """FLUX_FETCH_ALLOW's entries: ``host``, ``host:port``, ``1.2.3.4``, ``10.0.0.0/8``, ``[::1]:9000``;
+    ValueError for an entry that is none of these."""
     entries = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -84,15 +84,27 @@ def parse_allowed(text: str) -> tuple[Allowed, ...]:
         port = None
         if item.startswith("["):
             inside, _, rest = item[1:].partition("]")
-            item, port = inside, (int(rest[1:]) if rest.startswith(":") else None)
+            item, port = inside, (_port(rest[1:]) if rest.startswith(":") else None)
         elif item.count(":") == 1:
             item, _, number = item.partition(":")
-            port = int(number)
+            port = _port(number)
         try:
             entries.append(Allowed(network=ipaddress.ip_network(item, strict=False), port=port))
         except ValueError:
+            if not _HOST.fullmatch(item):
+                raise ValueError(f"{item!r} is not a host, address or network") from None
             entries.append(Allowed(host=item.lower(), port=port))
     return tuple(entries)
+
+
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range")
+    return port
 
 
 def is_public(address: IPAddress) -> bool:
@@ -128,11 +140,10 @@ class AddressPolicy:
         return str(addresses[0])
 
 
-def policy_from_env() -> AddressPolicy:
-    return AddressPolicy(parse_allowed(settings.get("FLUX_FETCH_ALLOW")))
+PUBLIC_ONLY = AddressPolicy()
 
 
-class _CheckedBackend(SyncBackend):
+class _CheckedBackend(httpcore2.SyncBackend):
     """httpcore's socket backend, connecting only to an address the policy checked."""
 
     def __init__(self, policy: AddressPolicy):
@@ -180,14 +191,6 @@ class FetchLimits:
     window_s: float
 
 
-def limits_from_env(deadline: bool = True) -> FetchLimits:
-    return FetchLimits(
-        deadline_s=settings.get_float("FLUX_FETCH_DEADLINE_S") if deadline else None,
-        min_rate=settings.get_float("FLUX_FETCH_MIN_RATE"),
-        window_s=settings.get_float("FLUX_FETCH_RATE_WINDOW_S"),
-    )
-
-
 class Clock:
     """The deadline and the rate windows of one download (across its redirects and retries)."""
 
@@ -220,7 +223,10 @@ class Clock:
 
 def _client(policy: AddressPolicy, timeout_s: float) -> httpx2.Client:
     transport = httpx2.HTTPTransport(trust_env=False)
-    transport._pool._network_backend = _CheckedBackend(policy)  # where httpcore makes its connections
+    # httpx2 takes no network backend, so the rule goes into the pool it made (a private attribute:
+    # httpx2 and httpcore2 are pinned in requirements.txt, and tests/test_outbound.py fails if the
+    # backend stops being called)
+    transport._pool._network_backend = _CheckedBackend(policy)
     return httpx2.Client(transport=transport, trust_env=False, follow_redirects=False, timeout=timeout_s)
 
 
@@ -233,11 +239,10 @@ def open_url(
     headers: dict[str, str] | None = None,
     method: str = "GET",
     data: bytes | None = None,
-    policy: AddressPolicy | None = None,
+    policy: AddressPolicy = PUBLIC_ONLY,
 ) -> Iterator[httpx2.Response]:
     """The final response to ``url`` after redirects, its body unread. Raises FetchError for a
     refused or unreachable target, a URL that is not plain http(s), or too many redirects."""
-    policy = policy if policy is not None else policy_from_env()
     first = current = httpx2.URL(url)
     with _client(policy, clock.remaining()) as client:
         for _ in range(MAX_REDIRECTS + 1):
@@ -292,6 +297,7 @@ def get_json(
     url: str,
     *,
     limits: FetchLimits,
+    policy: AddressPolicy = PUBLIC_ONLY,
     credential: Credential | None = None,
     method: str = "GET",
     data: bytes | None = None,
@@ -302,7 +308,9 @@ def get_json(
     import json
 
     clock = Clock(limits)
-    with open_url(url, clock=clock, credential=credential, method=method, data=data, headers=headers) as response:
+    with open_url(
+        url, clock=clock, credential=credential, method=method, data=data, headers=headers, policy=policy
+    ) as response:
         if response.status_code >= 400:
             raise FetchError(f"HTTP {response.status_code}", status=response.status_code)
         body = b"".join(body_chunks(response, clock, limit))
@@ -317,6 +325,7 @@ def download(
     partial: Path,
     *,
     limits: FetchLimits,
+    policy: AddressPolicy = PUBLIC_ONLY,
     credential: Credential | None = None,
     expected: int | None = None,
     limit: int | None = None,
@@ -336,7 +345,7 @@ def download(
             break  # complete (or too long: the caller's checks set it aside)
         try:
             headers = {"Range": f"bytes={start}-"} if start else {}
-            with open_url(url, clock=clock, credential=credential, headers=headers) as response:
+            with open_url(url, clock=clock, credential=credential, headers=headers, policy=policy) as response:
                 if response.status_code == 416:  # nothing left from this offset: the caller checks what we have
                     break
                 if response.status_code >= 400:

@@ -2,19 +2,18 @@
 
 The predictor's process is rank 0: the text encoders, the VAE, the safety checker, LoRA downloads,
 the loop and the TaylorSeer cache stay there, unchanged. ``start`` launches N - 1 worker
-processes (``python -m flux.parallel``), each loading only the transformer onto its own device
-(``cuda:RANK``; on the CPU, a process each) with the same fast path as rank 0, in the same order:
-attention backend, FP8, LoRA side branch, parallelism, compile. Every transformer call of rank 0
-first sends its inputs to every worker (a forward pre-hook on rank 0's transformer), then all ranks
-run the same forward: diffusers' own plan for ``FluxTransformer2DModel`` splits the image and text
-tokens by sequence and gathers the output on every rank. LoRAs are applied on every rank from the
-same file.
+processes (``python -m flux.parallel``), each reading the same configuration and building its
+transformer on its own device (``cuda:RANK``; on the CPU, a process each) with
+``runtime.build_transformer``, as rank 0 does. ``ParallelRuntime`` is rank 0's transformer: each
+call first sends its inputs to every worker, then all ranks run the same forward: diffusers' own
+plan for ``FluxTransformer2DModel`` splits the image and text tokens by sequence and gathers the
+output on every rank. LoRAs are applied on every rank from the same file.
 
 All ranks are on one machine: the rendezvous is on 127.0.0.1 and the collectives are bound to the
 loopback interface, so nothing goes to any other address. Every collective has a deadline
 (``FLUX_CONTEXT_PARALLEL_TIMEOUT_S``); a worker that dies or hangs fails the prediction with a clear
 message within it; the container then refuses every edit with that message and reports itself
-unhealthy (``Model.healthy``, the Cog health check) so that the platform replaces it.
+unhealthy (``ParallelRuntime.healthy``, the Cog health check) so that the platform replaces it.
 A worker exits by itself when its parent process is gone.
 
 The token axis must divide by N (Ulysses splits it evenly); ``sizes.divisible_output_size`` picks
@@ -27,12 +26,13 @@ import datetime
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -40,28 +40,17 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from flux import settings
-from flux.errors import EditError
+from flux import sizes
+from flux.config import Config, set_library_default
+from flux.device import dtype_for, freeze_loaded_objects
+from flux.edit import StepCallback
+from flux.errors import EditError, SetupError
+from flux.runtime import FastPath, LocalRuntime, LoraFile, LorasApplied, build_transformer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FORWARD, LORA, STOP, COMPILED = 1, 2, 3, 4
-WORKER_READY_S = 600.0  # how long setup() waits for every worker to load and warm up
-
-
-def enable_ulysses(transformer: torch.nn.Module, degree: int) -> None:
-    """diffusers' context parallelism (Ulysses, ``degree`` ranks) on the transformer. The process
-    group must be up. diffusers derives each rank's device from ``torch.accelerator.device_count()``,
-    which is 0 on a CPU-only machine: it is counted as 1 for the call (each CPU rank is a process)."""
-    from diffusers import ContextParallelConfig
-
-    count = torch.accelerator.device_count
-    torch.accelerator.device_count = lambda: max(1, count())
-    try:
-        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
-    finally:
-        torch.accelerator.device_count = count
 
 
 def device_for(rank: int, device_type: str) -> torch.device:
@@ -72,10 +61,10 @@ def _backend(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def _init_group(rank: int, world: int, port: int, device_type: str) -> None:
-    settings.default_for_library("GLOO_SOCKET_IFNAME", "lo")
-    settings.default_for_library("NCCL_SOCKET_IFNAME", "lo")
-    timeout = datetime.timedelta(seconds=settings.get_float("FLUX_CONTEXT_PARALLEL_TIMEOUT_S"))
+def _init_group(rank: int, world: int, port: int, device_type: str, timeout_s: float) -> None:
+    set_library_default("GLOO_SOCKET_IFNAME", "lo")
+    set_library_default("NCCL_SOCKET_IFNAME", "lo")
+    timeout = datetime.timedelta(seconds=timeout_s)
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     dist.init_process_group(
@@ -163,25 +152,6 @@ class Workers:
         log.error("%s: %s", self.failure, exc)
         return EditError(self.failure)
 
-    def forward_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        payload, tensors = _split_call(kwargs)
-        self.send(FORWARD, payload, tensors)
-
-    def apply_loras(self, entries: list[tuple[str, str, float]]) -> None:
-        """(path, source, strength) of each LoRA, applied on every worker as rank 0 applied them."""
-        with self.lock:
-            self.send(LORA, {"loras": entries}, [])
-
-    def compiled_frames(self) -> list[int]:
-        """How many frames dynamo has compiled so far on each rank, rank 0 first: what shows that
-        requests compile nothing on any rank, not only on this one."""
-        with self.lock:
-            self.send(COMPILED, {}, [])
-            try:
-                return _gather_compiled_frames(self.size, self.device)
-            except Exception as exc:
-                raise self.failed(exc) from None
-
     def close(self, wait_s: float = 10.0) -> None:
         """Stop every worker (a STOP command, then terminate what is left) and leave the group."""
         if self.failure is None and any(p.poll() is None for p in self.processes):
@@ -200,42 +170,130 @@ class Workers:
             dist.destroy_process_group()
 
 
+@dataclass
+class ParallelRuntime:
+    """The transformer across N ranks: rank 0's own (``local``) and the workers'. Every call and
+    every LoRA change goes to every rank, under the workers' lock, so each exchange is whole and
+    in order."""
+
+    local: LocalRuntime
+    workers: Workers
+
+    @property
+    def decided(self) -> FastPath:
+        return self.local.decided
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.local.transformer
+
+    def __call__(self, **inputs: object) -> tuple[torch.Tensor, ...]:
+        with self.workers.lock:
+            self.workers.send(FORWARD, *_split_call(inputs))
+            return self.local(**inputs)
+
+    def apply_loras(self, files: Sequence[LoraFile]) -> LorasApplied:
+        applied = self.local.apply_loras(files)
+        with self.workers.lock:
+            self.workers.send(LORA, {"loras": [[str(f.path), f.source, f.strength, f.field] for f in files]}, [])
+        return applied
+
+    def output_size(self, width: int, height: int, conditioning_tokens: int) -> tuple[int, int]:
+        """The nearest size whose tokens, with the conditioning's, split evenly over the ranks."""
+        return sizes.divisible_output_size(width, height, conditioning_tokens, self.workers.size)
+
+    def run(self, edit: Callable[[StepCallback | None], T], on_step: StepCallback | None) -> T:
+        """``edit`` stopping only at a step boundary when cancelled (``stop_at_a_step_on_cancel``);
+        a failed collective fails this edit and every later one with the group's message."""
+        if self.workers.failure is not None:
+            raise EditError(self.workers.failure)
+        try:
+            return stop_at_a_step_on_cancel(edit, on_step)
+        except EditError:
+            raise
+        except RuntimeError as exc:
+            if self.workers.is_failure(exc):
+                raise self.workers.failed(exc) from None
+            raise
+
+    def healthy(self) -> bool:
+        return self.workers.healthy()
+
+    def compiled_frames(self) -> list[int]:
+        """How many frames dynamo has compiled so far on each rank, rank 0 first: what shows that
+        requests compile nothing on any rank, not only on this one."""
+        with self.workers.lock:
+            self.workers.send(COMPILED, {}, [])
+            try:
+                return _gather_compiled_frames(self.workers.size, self.workers.device)
+            except Exception as exc:
+                raise self.workers.failed(exc) from None
+
+    def close(self) -> None:
+        self.workers.close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start(size: int, weights_dir: str | Path, device: torch.device) -> Workers:
-    """Launch ``size - 1`` workers for ``weights_dir`` and join them in a process group as rank 0."""
-    if device.type == "cuda" and torch.cuda.device_count() < size:
-        raise EditError(f"FLUX_CONTEXT_PARALLEL={size} needs {size} GPUs; this machine has {torch.cuda.device_count()}")
+# NCCL's shared-memory transport fails or hangs in Docker's default 64 MB /dev/shm
+SHARED_MEMORY_NEEDED = 1 << 30
+
+
+def shared_memory_for_nccl(total_bytes: int) -> bool:
+    """Where /dev/shm holds less than NCCL's shared-memory transport needs, turn that transport off
+    (NCCL_SHM_DISABLE=1, unless the operator set it) and say so; True when it did."""
+    if total_bytes >= SHARED_MEMORY_NEEDED or not set_library_default("NCCL_SHM_DISABLE", "1"):
+        return False
+    log.warning(
+        "/dev/shm holds %d MB, less than the %d MB NCCL's shared-memory transport needs between GPUs: it is off "
+        "(NCCL_SHM_DISABLE=1), so transfers go through slower paths; start the container with --shm-size=16g "
+        "(docker run) to use it",
+        total_bytes >> 20, SHARED_MEMORY_NEEDED >> 20,
+    )  # fmt: skip
+    return True
+
+
+def _shared_memory_bytes(path: str = "/dev/shm") -> int:
+    try:
+        return shutil.disk_usage(path).total
+    except OSError:
+        return 0
+
+
+def start(config: Config, device: torch.device, dtype: torch.dtype) -> ParallelRuntime:
+    """Launch ``config.context_parallel - 1`` workers, join them in a process group as rank 0 and
+    build rank 0's transformer (the workers build theirs meanwhile)."""
+    size = config.context_parallel
+    if device.type == "cuda":
+        if torch.cuda.device_count() < size:
+            raise SetupError(
+                f"FLUX_CONTEXT_PARALLEL={size} needs {size} GPUs; this machine has {torch.cuda.device_count()}"
+            )
+        shared_memory_for_nccl(_shared_memory_bytes())
     port = _free_port()
-    command = [sys.executable, "-m", "flux.parallel", str(size), str(port), str(weights_dir), device.type]
-    processes = [subprocess.Popen([*command, str(rank)]) for rank in range(1, size)]
-    _init_group(0, size, port, device.type)
-    log.info("context parallelism: %d ranks (%d workers: pids %s)", size, size - 1, [p.pid for p in processes])
-    return Workers(size, device_for(0, device.type), processes)
-
-
-def one_call_at_a_time(transformer: torch.nn.Module, lock: threading.Lock) -> None:
-    """Rank 0's transformer calls hold ``lock``, as the LoRA broadcasts do: every exchange with the
-    workers is whole and in order, also when a cancelled edit's last call and the next prediction's
-    first meet (Cog answers a cancel before the cancelled work has ended)."""
-    base = type(transformer)
-
-    def call(self: torch.nn.Module, *args, **kwargs):
-        with lock:
-            return base.__call__(self, *args, **kwargs)
-
-    transformer.__class__ = type(f"{base.__name__}OnEveryRank", (base,), {"__call__": call})
+    command = [sys.executable, "-m", "flux.parallel", str(size), str(port), device.type]
+    environ = config.process_environ()
+    processes = [subprocess.Popen([*command, str(rank)], env=environ) for rank in range(1, size)]
+    workers = Workers(size, device_for(0, device.type), processes)
+    try:
+        _init_group(0, size, port, device.type, config.context_parallel_timeout_s)
+        log.info("context parallelism: %d ranks (%d workers: pids %s)", size, size - 1, [p.pid for p in processes])
+        transformer, decided = build_transformer(config.weights_dir, device, dtype, config.fast, size)
+    except BaseException:
+        workers.close()
+        raise
+    return ParallelRuntime(LocalRuntime(transformer, decided), workers)
 
 
 class Stopped(Exception):
     """An edit stopped at a step boundary because its prediction was cancelled."""
 
 
-def stop_at_a_step_on_cancel(run: Callable[[Callable[[int, int, bool], None]], T], on_step=None) -> T:
+def stop_at_a_step_on_cancel(run: Callable[[StepCallback], T], on_step: StepCallback | None = None) -> T:
     """``run(step_callback)`` in a helper thread while the caller waits. Cog cancels by raising an
     exception in the predictor's thread wherever it is (and may raise it again); inside a
     transformer call that would leave the workers in the middle of a collective. Here it lands in
@@ -279,26 +337,16 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def worker_main(size: int, port: int, weights_dir: str, device_type: str, rank: int) -> None:
-    """A worker: join the group, load the transformer with the fast path, then serve rank 0's commands."""
-    from diffusers import FluxTransformer2DModel
-
-    from flux.device import dtype_for, freeze_loaded_objects
-    from flux.fast import FastSettings, optimize_transformer
-    from flux.lora import LoraState
-
+def worker_main(size: int, port: int, device_type: str, rank: int) -> None:
+    """A worker: read the configuration, join the group, build the transformer as rank 0 does,
+    then serve rank 0's commands."""
     _exit_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s rank {rank} %(name)s: %(message)s")
-    _init_group(rank, size, port, device_type)
+    config = Config.from_env()
+    _init_group(rank, size, port, device_type, config.context_parallel_timeout_s)
     device = device_for(rank, device_type)
-    dtype = dtype_for(device)
-    transformer = FluxTransformer2DModel.from_pretrained(
-        Path(weights_dir) / "transformer", local_files_only=True, dtype=dtype
-    )
-    transformer = transformer.to(device).eval()
-    applied = optimize_transformer(transformer, device, dtype, FastSettings.from_env(), size)
-    rank_of_branch = applied.get("lora_branch_rank", 0)
-    loras = LoraState(transformer, rank_of_branch if isinstance(rank_of_branch, int) else 0, applied.get("fp8") is True)
+    transformer, decided = build_transformer(config.weights_dir, device, dtype_for(device), config.fast, size)
+    runtime = LocalRuntime(transformer, decided)
     freeze_loaded_objects()
     with torch.inference_mode():
         while True:
@@ -306,16 +354,13 @@ def worker_main(size: int, port: int, weights_dir: str, device_type: str, rank: 
             if command == STOP:
                 break
             if command == FORWARD:
-                transformer(**dict(zip(payload["names"], tensors, strict=True)), **payload["other"])
+                runtime(**dict(zip(payload["names"], tensors, strict=True)), **payload["other"])
             elif command == COMPILED:
                 _gather_compiled_frames(size, device)
             elif command == LORA:
-                wanted = [
-                    (loras.converted(Path(path), source)[0], strength) for path, source, strength in payload["loras"]
-                ]
-                loras.apply(wanted)
+                runtime.apply_loras([LoraFile(Path(path), *rest) for path, *rest in payload["loras"]])
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    worker_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    worker_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))

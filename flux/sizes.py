@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from flux.errors import InputError
 
@@ -118,15 +119,41 @@ def stitched_size(parts: list[tuple[int, int]], base: int = BASE_SIDE) -> tuple[
     return _snap(width * scale), _snap(height * scale)
 
 
-def conditioning_tokens(
-    condition_size: tuple[int, int], reference_sizes: list[tuple[int, int]], mode: str, base: int = BASE_SIDE
-) -> int:
-    """How many conditioning tokens an edit has: the input image at ``condition_size`` and the
-    references at their shared budget, or all of them stitched into one image."""
-    parts = [condition_size] + [reference_size(w, h, len(reference_sizes), base) for w, h in reference_sizes]
-    if mode == "stitch" and reference_sizes:
-        parts = [stitched_size(parts, base)]
-    return sum(tokens(w, h) for w, h in parts)
+@dataclass(frozen=True)
+class ConditioningLayout:
+    """The conditioning images' sizes: the input image's, each reference's (the references share one
+    image's token budget), and in stitch mode with references the size of the one image they are
+    all joined into. Decided once (``conditioning_layout``) and used by the edit and by the
+    several-device split alike."""
+
+    condition: tuple[int, int]
+    references: tuple[tuple[int, int], ...] = ()
+    stitched: tuple[int, int] | None = None
+
+    @property
+    def tokens(self) -> int:
+        """How many conditioning tokens the transformer sees."""
+        if self.stitched is not None:
+            return tokens(*self.stitched)
+        return sum(tokens(w, h) for w, h in (self.condition, *self.references))
+
+
+def conditioning_layout(
+    input_size: tuple[int, int],
+    reference_sizes: list[tuple[int, int]],
+    mode: str,
+    base: int = BASE_SIDE,
+    condition: tuple[int, int] | None = None,
+    reference_base: int | None = None,
+) -> ConditioningLayout:
+    """The layout for an input image and references of these sizes, for a model whose side is
+    ``base``: the input at the preferred Kontext resolution (or ``condition``), each reference at
+    1/k of ``reference_base`` (default ``base``) squared, stitched side by side in ``stitch`` mode."""
+    side = reference_base or base
+    condition = condition or conditioning_size(*input_size, base)
+    references = tuple(reference_size(w, h, len(reference_sizes), side) for w, h in reference_sizes)
+    stitched = stitched_size([condition, *references], side) if mode == "stitch" and references else None
+    return ConditioningLayout(condition, references, stitched)
 
 
 def divisible_output_size(width: int, height: int, other_tokens: int, ranks: int) -> tuple[int, int]:

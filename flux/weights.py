@@ -7,12 +7,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from flux.errors import SetupError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST_PATH = PROJECT_ROOT / "weights_manifest.json"
-DEFAULT_WEIGHTS_DIR = Path("weights")
+# the trained proxy (scripts/train_proxy.py), committed: a real edit on the CPU without the real
+# weights (left out of the image cog builds)
+PROXY_DIR = PROJECT_ROOT / "flux" / "proxy_weights"
 # A tree the project generated (tiny or trained proxy) describes its own files in this file.
 TREE_MANIFEST_NAME = "weights_manifest.json"
-FETCH_COMMAND = "python scripts/download_weights.py --out {dir}"
+FETCH_COMMAND = "python -m flux download --out {dir}"
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,11 @@ def problems(weights_dir: str | Path, manifest: dict | None = None) -> list[str]
 
 
 def require_complete(weights_dir: str | Path) -> None:
-    """Raise FileNotFoundError listing what is missing, and the command that fetches it."""
+    """Raise SetupError listing what is missing, and the command that fetches it."""
     found = problems(weights_dir)
     if found:
         listed = "\n  ".join(found[:40]) + (f"\n  ... and {len(found) - 40} more" if len(found) > 40 else "")
-        raise FileNotFoundError(
+        raise SetupError(
             f"the weights in {weights_dir} are incomplete:\n  {listed}\n"
             f"Fetch them with: {FETCH_COMMAND.format(dir=weights_dir)}, or let setup() fetch them: set "
             "WEIGHTS_BASE_URL (a mirror or weights CDN) or HF_TOKEN (the Hugging Face Hub)"
@@ -97,10 +101,12 @@ def describe_tree(weights_dir: str | Path, base: dict | None = None) -> dict:
     return described
 
 
-def write_tree_manifest(weights_dir: str | Path, description: str) -> Path:
-    """Record a generated tree's own files, so that it is checked like the real one."""
+def write_tree_manifest(weights_dir: str | Path, description: str, **extra: object) -> Path:
+    """Record a generated tree's own files, so that it is checked like the real one (``extra``:
+    more of what the tree is, such as the instructions a proxy knows)."""
     manifest = describe_tree(weights_dir)
     manifest["model"] = description
+    manifest.update(extra)
     manifest.pop("note", None)
     target = Path(weights_dir) / TREE_MANIFEST_NAME
     target.write_text(json.dumps(manifest, indent=2) + "\n")

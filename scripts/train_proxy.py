@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flux.errors import InputError  # noqa: E402
+from flux.errors import InputError, SetupError  # noqa: E402
 from flux.lab.train import QUICK, TrainConfig, train_proxy  # noqa: E402
 
 if __name__ == "__main__":
@@ -30,5 +30,5 @@ if __name__ == "__main__":
         config = replace(config, steps=args.steps)
     try:
         train_proxy(args.out, config)
-    except InputError as error:
+    except (InputError, SetupError) as error:
         sys.exit(f"error: {error}")

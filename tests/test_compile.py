@@ -11,8 +11,9 @@ import torch._dynamo
 
 import taylor_utils
 from flux import sizes
-from flux.edit import EditSettings, LabOverrides, edit
-from flux.fast import FastSettings, compile_transformer, warm_up_sizes
+from flux.config import FastPathConfig
+from flux.edit import EditPlan, LabOverrides, edit
+from flux.fast import compile_transformer, warm_up_sizes
 from flux.loading import load_components
 from tests.conftest import random_image
 from tests.counting import COUNTING
@@ -49,7 +50,7 @@ def _requests(rng: random.Random) -> list[dict]:
 
 def test_no_request_compiles_and_every_call_is_compiled(compiled_predictor, tmp_path):
     predictor = compiled_predictor
-    assert predictor.model.fast_path["compile_shapes"] == "dynamic"
+    assert predictor.model.runtime.decided.compiled.shapes == "dynamic"
     assert "warm_up" in predictor.model.seconds
     graphs_after_setup = COUNTING.graphs
     assert graphs_after_setup >= 1
@@ -78,10 +79,10 @@ def test_static_policy_compiles_per_size_which_is_why_it_is_not_the_default(tiny
     c = load_components(tiny_weights)
     torch._dynamo.reset()
     before = COUNTING.graphs
-    compile_transformer(c, FastSettings(compile="1", compile_backend="flux_test_counting", compile_shapes="static"))
+    compile_transformer(c.transformer, FastPathConfig(compile_backend="flux_test_counting", compile_shapes="static"))
     settings = dict(prompt="x", seed=1, num_steps=4)
     for width, height in [(32, 32), (48, 32), (32, 64)]:
-        edit(c, random_image(width, height), EditSettings(width=width, height=height, **settings),
+        edit(c, random_image(width, height), EditPlan(width=width, height=height, **settings),
              lab=LabOverrides(condition_size=(width, height)))  # fmt: skip
     assert COUNTING.graphs - before == 3
     torch._dynamo.reset()
@@ -103,18 +104,16 @@ def test_inductor_compiles_real_code_at_two_sizes_and_matches_eager(tiny_weights
     for width, height in cases:
         image = random_image(width, height, seed=width)
         pinned = LabOverrides(condition_size=(width, height))
-        eager[(width, height)] = edit(
-            c, image, EditSettings(width=width, height=height, **settings), lab=pinned
-        ).latents
+        eager[(width, height)] = edit(c, image, EditPlan(width=width, height=height, **settings), lab=pinned).latents
     torch._dynamo.reset()
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compile_transformer(c, FastSettings(compile="1", compile_backend="inductor"))
+    compile_transformer(c.transformer, FastPathConfig(compile_backend="inductor"))
     for i, (width, height) in enumerate(cases):
         image = random_image(width, height, seed=width)
         pinned = LabOverrides(condition_size=(width, height))
         # the first size compiles; the second must run on what was compiled
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
-            compiled = edit(c, image, EditSettings(width=width, height=height, **settings), lab=pinned).latents
+            compiled = edit(c, image, EditPlan(width=width, height=height, **settings), lab=pinned).latents
         assert (compiled - eager[(width, height)]).abs().max().item() <= 1e-4
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before >= 1
     assert c.transformer._compiled_call_impl is not None

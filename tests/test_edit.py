@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from flux import weights
-from flux.edit import EditSettings, LabOverrides, edit
+from flux.edit import EditPlan, LabOverrides, edit
 from flux.lab import architecture
 from flux.lab.tiny import make_tiny_weights
 from tests.conftest import random_image
 
 
-def small(**kw) -> EditSettings:
+def small(**kw) -> EditPlan:
     base = dict(prompt="make the circle red", width=96, height=64, seed=42, num_steps=8, acceleration="none")
     base.update(kw)
-    return EditSettings(**base)
+    return EditPlan(**base)
 
 
 def test_tiny_weights_have_the_real_layout(tiny_weights):
@@ -102,11 +101,3 @@ def test_conditioning_tokens_are_appended_with_first_coordinate_one(components):
     assert seen["hidden"][1] == target + cond
     assert torch.all(seen["ids"][:target, 0] == 0)
     assert torch.all(seen["ids"][target:, 0] == 1)
-
-
-@pytest.mark.parametrize("steps", [3, 51])
-def test_out_of_range_steps_are_refused(components, steps):
-    from flux.errors import InputError
-
-    with pytest.raises(InputError, match="num_inference_steps"):
-        edit(components, random_image(64, 64), small(num_steps=steps))

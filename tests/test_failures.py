@@ -14,9 +14,9 @@ from cog import Path as CogPath
 from PIL import Image
 
 from flux import sizes
-from flux.edit import MAX_SEED, EditSettings, clean_prompt
-from flux.errors import EditError, InputError
+from flux.errors import EditError, InputError, SetupError
 from flux.lab.tiny import TINY_SIDE
+from flux.request import MAX_SEED, EditRequest, clean_prompt
 from tests.conftest import image_bytes, random_image
 from tests.test_images import png_header_only
 from tests.test_predict import DEFAULTS, make_predictor
@@ -51,10 +51,8 @@ def assert_next_prediction_works(predictor, write):
         assert image.size[0] % 16 == 0
 
 
-def outputs_dir() -> list:
-    from flux.outputs import output_dir
-
-    return sorted(p.name for p in output_dir().iterdir())
+def outputs_dir(predictor) -> list:
+    return sorted(p.name for p in predictor.outputs.iterdir())
 
 
 @pytest.mark.parametrize(
@@ -68,10 +66,10 @@ def outputs_dir() -> list:
     ],
 )
 def test_bad_images(predictor, write, data, message):
-    before = outputs_dir()
+    before = outputs_dir(predictor)
     with pytest.raises(InputError, match=message):
         predict(predictor, write(data))
-    assert outputs_dir() == before  # never a half-written output
+    assert outputs_dir(predictor) == before  # never a half-written output
     assert_next_prediction_works(predictor, write)
 
 
@@ -175,7 +173,7 @@ def test_cancellation_stops_within_one_step(predictor, write):
 def test_unwritable_output_folder(predictor, write, tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
-    monkeypatch.setenv("FLUX_OUTPUT_DIR", str(locked))
+    monkeypatch.setattr(predictor, "outputs", locked)
     monkeypatch.setattr("flux.images.tempfile.mkstemp", _read_only_fs)
     with pytest.raises(EditError, match="could not be written"):
         predict(predictor, write(image_bytes(random_image(32, 32))))
@@ -193,7 +191,7 @@ def test_weights_removed_after_setup(tiny_weights, tmp_path, write, monkeypatch)
     predictor = make_predictor(tree, monkeypatch)
     (tree / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     assert_next_prediction_works(predictor, write)  # the model is in memory
-    with pytest.raises(FileNotFoundError, match="missing: vae/diffusion_pytorch_model.safetensors"):
+    with pytest.raises(SetupError, match="missing: vae/diffusion_pytorch_model.safetensors"):
         make_predictor(tree, monkeypatch)
 
 
@@ -201,7 +199,7 @@ def test_control_characters_are_removed_before_encoding():
     assert clean_prompt("make\x00 it\tred\n") == "make it red"
     assert clean_prompt("  \x1b[31mred\x7f ") == "[31mred"
     assert clean_prompt("café ☕ 赤く") == "café ☕ 赤く"
-    assert EditSettings("a\x00b", 16, 16, 0).prompt == "ab"
+    assert EditRequest("a\x00b", b"not decoded yet").prompt == "ab"
 
 
 def test_a_prompt_with_control_characters_edits_as_its_clean_text(predictor, write):

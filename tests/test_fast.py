@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux.edit import EditSettings, LabOverrides, edit
-from flux.fast import FastSettings, optimize
+from flux.config import Config, FastPathConfig
+from flux.edit import EditPlan, LabOverrides, edit
+from flux.errors import SetupError
 from flux.loading import load_components
+from flux.runtime import FastPath, prepare_transformer
 from tests.conftest import random_image
 
 
@@ -15,39 +17,13 @@ def test_everything_is_off_on_the_cpu(tiny_weights):
     c = load_components(tiny_weights)
     before = {k: v.clone() for k, v in c.transformer.state_dict().items()}
     forward = c.transformer.forward
-    assert optimize(c, FastSettings(compile="auto", fp8="on", attention="auto")) == {}
+    decided = prepare_transformer(c.transformer, c.device, c.dtype, FastPathConfig(fp8="on"))
+    assert decided == FastPath() and decided.summary() == {}
     assert c.transformer._compiled_call_impl is None
     assert c.transformer.forward == forward
     assert all(torch.equal(before[k], v) for k, v in c.transformer.state_dict().items())
     conv = c.vae.decoder.conv_in.weight
     assert conv.is_contiguous()
-
-
-def test_settings_from_env(monkeypatch):
-    monkeypatch.setenv("FLUX_COMPILE", "0")
-    monkeypatch.setenv("FLUX_FP8", "off")
-    monkeypatch.setenv("FLUX_COMPILE_SHAPES", "static")
-    monkeypatch.setenv("FLUX_COMPILE_BACKEND", "eager")
-    settings = FastSettings.from_env()
-    assert settings.fp8 == "off" and settings.compile_shapes == "static" and settings.compile_backend == "eager"
-    assert not settings.compiles_on(torch.device("cuda")) and not settings.compiles_on(torch.device("cpu"))
-    monkeypatch.setenv("FLUX_COMPILE", "1")
-    assert FastSettings.from_env().compiles_on(torch.device("cpu"))
-    monkeypatch.setenv("FLUX_COMPILE", "auto")
-    assert FastSettings.from_env().compiles_on(torch.device("cuda"))
-    assert not FastSettings.from_env().compiles_on(torch.device("cpu"))
-    monkeypatch.setenv("FLUX_LORA_BRANCH_RANK", "16")
-    assert FastSettings.from_env().branch_rank(fp8_applied=False) == 16
-    monkeypatch.setenv("FLUX_LORA_BRANCH_RANK", "auto")
-    assert FastSettings.from_env().branch_rank(fp8_applied=True) == 64
-    assert FastSettings.from_env().branch_rank(fp8_applied=False) == 0
-    monkeypatch.setenv("FLUX_LORA_BRANCH_RANK", "lots")
-    with pytest.raises(ValueError, match="FLUX_LORA_BRANCH_RANK must be auto or a whole number"):
-        FastSettings.from_env()
-    monkeypatch.setenv("FLUX_LORA_BRANCH_RANK", "auto")
-    monkeypatch.setenv("FLUX_COMPILE_SHAPES", "bucketed")
-    with pytest.raises(ValueError, match="FLUX_COMPILE_SHAPES must be one of dynamic, static"):
-        FastSettings.from_env()
 
 
 def test_forecasts_never_recompile_the_compiled_transformer(tiny_weights):
@@ -60,20 +36,17 @@ def test_forecasts_never_recompile_the_compiled_transformer(tiny_weights):
     image = random_image(32, 32)
     settings = dict(prompt="x", width=32, height=32, seed=1, num_steps=12)
     pinned = LabOverrides(condition_size=(32, 32))
-    edit(c, image, EditSettings(**settings, acceleration="none"), lab=pinned)  # compiles once
+    edit(c, image, EditPlan(**settings, acceleration="none"), lab=pinned)  # compiles once
     with torch._dynamo.config.patch(error_on_recompile=True):
         for level in ("go fast", "go really fast", "none", "go fast"):
-            result = edit(c, image, EditSettings(**settings, acceleration=level), lab=pinned)
+            result = edit(c, image, EditPlan(**settings, acceleration=level), lab=pinned)
             assert torch.isfinite(result.latents).all()
     torch._dynamo.reset()
 
 
-def test_settings_defaults_bound_the_first_cold_start(monkeypatch):
-    for name in ("FLUX_COMPILE", "FLUX_COMPILE_BACKEND", "FLUX_COMPILE_SHAPES", "FLUX_COMPILE_MODE", "FLUX_FP8",
-                 "FLUX_ATTENTION", "FLUX_LORA_BRANCH_RANK"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    settings = FastSettings.from_env()
-    assert settings == FastSettings()
+def test_settings_defaults_bound_the_first_cold_start():
+    settings = Config.from_env({}).fast
+    assert settings == FastPathConfig()
     # max-autotune tunes kernels for minutes on a cache-less first start; it stays an opt-in; the
     # default shape policy is the one that cannot compile during a request
     assert settings.compile == "auto" and settings.compile_mode == "default" and settings.fp8 == "auto"
@@ -107,7 +80,7 @@ def test_fp8_without_torchao_is_a_clear_error(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_torchao)
-    with pytest.raises(RuntimeError, match="FP8 needs torchao"):
+    with pytest.raises(SetupError, match="FP8 needs torchao"):
         quantize_fp8(torch.nn.Linear(4, 4))
 
 

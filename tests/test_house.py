@@ -1,6 +1,6 @@
-"""The shape of the product's code: one home for settings, the README's settings table complete,
-and short functions on the product path (everything a request runs: predict.py, taylor_utils.py,
-flux/ without flux/lab/)."""
+"""The shape of the product's code: one home for settings (read once, at setup), the README's
+settings table generated from it, no import cycles, and short functions on the product path
+(everything a request runs: predict.py, taylor_utils.py, flux/ without flux/lab/)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import ast
 import re
 from pathlib import Path
 
-from flux import settings
+from flux import config
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = [ROOT / "predict.py", ROOT / "taylor_utils.py"] + sorted(
@@ -19,26 +19,57 @@ MAX_FUNCTION_LINES = 60
 DECLARATIONS = {("predict.py", "run")}
 
 
-def _readme_settings() -> dict[str, str]:
+def test_the_readme_settings_table_is_the_generated_one():
     text = (ROOT / "README.md").read_text()
     section = text.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
-    return dict(re.findall(r"^\| `([A-Z0-9_]+)` \| `?([^|`]*?)`? \|", section, flags=re.MULTILINE))
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|")) + "\n"
+    assert table == config.markdown_table()
+    assert len(re.findall(r"^\| `", table, flags=re.MULTILINE)) == len(config.SETTINGS)
 
 
-def test_the_readme_lists_every_setting_with_its_default():
-    listed = _readme_settings()
-    assert list(listed) == [s.name for s in settings.SETTINGS]
-    assert listed == {s.name: s.default for s in settings.SETTINGS}
-
-
-def test_the_environment_is_read_in_one_module():
-    readers = []
+def test_the_environment_is_read_in_one_module_and_only_at_setup():
+    """os.environ is touched in flux/config.py alone, and the configuration is read only where a
+    process starts: the predictor's setup(), the command line, a context-parallel worker."""
+    readers, loaders = [], []
     for path in PRODUCT:
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
+        where = str(path.relative_to(ROOT))
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
-                readers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-    assert readers and all(r.startswith("flux/settings.py:") for r in readers), readers
+                readers.append(f"{where}:{node.lineno}")
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "from_env":
+                loaders.append((where, _enclosing_function(path, node.lineno)))
+    assert readers and all(r.startswith("flux/config.py:") for r in readers), readers
+    assert sorted(set(loaders)) == [
+        ("flux/cli.py", "download_command"), ("flux/cli.py", "edit_command"), ("flux/parallel.py", "worker_main"),
+        ("predict.py", "setup"),
+    ]  # fmt: skip
+
+
+def _enclosing_function(path: Path, line: int) -> str:
+    functions = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef)]
+    return min((n for n in functions if n.lineno <= line <= n.end_lineno), key=lambda n: n.end_lineno - n.lineno).name
+
+
+def test_no_product_module_imports_the_lab():
+    """flux/lab is left out of the image cog builds: nothing a request or the command line runs imports it."""
+    importers = []
+    for path in PRODUCT:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if any(name.startswith("flux.lab") for name in names):
+                importers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert importers == []
+
+
+def test_the_several_device_module_uses_the_runtime_not_the_other_way_round():
+    def imports(module: str) -> set[str]:
+        tree = ast.parse((ROOT / "flux" / f"{module}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert "flux.runtime" in imports("parallel")
+    for module in ("runtime", "fast", "edit", "loading", "lora", "config"):
+        assert "flux.parallel" not in imports(module), module
 
 
 def test_no_function_on_the_product_path_is_over_60_lines():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flux import weights
-from flux.errors import InputError
+from flux.errors import SetupError
 from flux.lab.evaluate import CURVE, evaluate, even_map, ssim, write
 from flux.lab.scenes import CIRCLE_COLOURS, EDITS, PROMPTS, SQUARE_COLOURS, make_scene
 from flux.lab.shapes import count_shapes, inversion_colours, markdown, shapes_right
@@ -74,7 +74,7 @@ def test_instruction_weights_need_one_per_instruction(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_training_on_cuda_without_one_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FLUX_DEVICE", "cuda")
-    with pytest.raises(InputError, match="has no CUDA device"):
+    with pytest.raises(SetupError, match="has no CUDA device"):
         train_proxy(tmp_path / "weights", QUICK, log=lambda line: None)
     assert not (tmp_path / "weights").exists()
 

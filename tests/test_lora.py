@@ -13,12 +13,13 @@ import torch
 import torch._dynamo
 
 from flux import lora, lora_sources
-from flux.edit import EditSettings, LabOverrides, edit
+from flux.config import FastPathConfig
+from flux.edit import EditPlan, LabOverrides, edit
 from flux.errors import InputError
-from flux.fast import FastSettings, compile_transformer
+from flux.fast import compile_transformer
 from flux.lab.loras import make_lora, write_lora
 from flux.loading import load_components
-from tests.conftest import random_image
+from tests.conftest import lora_store, random_image
 from tests.counting import COUNTING
 from tests.weights_server import Faults, serve_tree
 
@@ -51,17 +52,17 @@ def _tar(path: Path, members: dict[str, bytes], links: dict[str, str] | None = N
 
 def test_sources_resolve_to_files(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "https://huggingface.co")
-    assert lora_sources.resolve("me/style/lora.safetensors") == (
+    assert lora_store().resolve("me/style/lora.safetensors") == (
         "https://huggingface.co/me/style/resolve/main/lora.safetensors", "file"
     )  # fmt: skip
-    assert lora_sources.resolve("https://huggingface.co/me/style/blob/v2/sub/x.safetensors") == (
+    assert lora_store().resolve("https://huggingface.co/me/style/blob/v2/sub/x.safetensors") == (
         "https://huggingface.co/me/style/resolve/v2/sub/x.safetensors", "file"
     )  # fmt: skip
-    assert lora_sources.resolve("https://replicate.delivery/abc/trained_model.tar") == (
+    assert lora_store().resolve("https://replicate.delivery/abc/trained_model.tar") == (
         "https://replicate.delivery/abc/trained_model.tar", "tar"
     )  # fmt: skip
     civitai = "https://civitai.com/api/download/models/12345?type=Model&format=SafeTensor"
-    assert lora_sources.resolve(civitai) == (civitai, "file")
+    assert lora_store().resolve(civitai) == (civitai, "file")
     assert lora_sources.describe("https://x.org/a.safetensors?token=secret") == "https://x.org/a.safetensors"
 
 
@@ -77,7 +78,7 @@ def test_sources_resolve_to_files(monkeypatch):
 )
 def test_refused_sources_fail_before_any_download(source, message):
     with pytest.raises(InputError, match=message):
-        lora_sources.resolve(source)
+        lora_store().resolve(source)
 
 
 def test_hub_repo_and_cache(lora_env, transformer, monkeypatch):
@@ -90,9 +91,9 @@ def test_hub_repo_and_cache(lora_env, transformer, monkeypatch):
     with serve_tree(root, Faults(token="hf_secret")) as (url, log):
         monkeypatch.setenv("HF_ENDPOINT", url)
         tokens = lora_sources.LoraTokens(hf="hf_secret")
-        path, downloaded = lora_sources.fetch_lora("me/style", tokens=tokens)
+        path, downloaded = lora_store().fetch("me/style", tokens=tokens)
         assert downloaded and path.is_file()
-        again, downloaded_again = lora_sources.fetch_lora("me/style", tokens=tokens)
+        again, downloaded_again = lora_store().fetch("me/style", tokens=tokens)
         assert again == path and not downloaded_again
         assert [r["path"] for r in log.requests] == [
             "api/models/me/style/revision/main",
@@ -100,7 +101,7 @@ def test_hub_repo_and_cache(lora_env, transformer, monkeypatch):
         ]
         assert all(r["authorization"] == "Bearer hf_secret" for r in log.requests)
         with pytest.raises(InputError, match=r"access denied \(HTTP 401\).*hf_api_token") as caught:
-            lora_sources.fetch_lora("me/other", tokens=lora_sources.LoraTokens(hf="wrong"))
+            lora_store().fetch("me/other", tokens=lora_sources.LoraTokens(hf="wrong"))
         assert "wrong" not in str(caught.value)
 
 
@@ -128,20 +129,20 @@ def test_civitai_model_pages(lora_env, transformer, monkeypatch):
         monkeypatch.setenv("CIVITAI_ENDPOINT", url)
         tokens = lora_sources.LoraTokens(civitai="civ_secret")
         page = "https://civitai.com/models/77"
-        assert lora_sources.resolve(f"{page}/some-style", tokens=tokens) == (f"{url}/files/v2.safetensors", "file")
-        assert lora_sources.resolve(f"{page}?modelVersionId=101", tokens=tokens) == (f"{url}/files/v1.safetensors",
+        assert lora_store().resolve(f"{page}/some-style", tokens=tokens) == (f"{url}/files/v2.safetensors", "file")
+        assert lora_store().resolve(f"{page}?modelVersionId=101", tokens=tokens) == (f"{url}/files/v1.safetensors",
                                                                                     "file")  # fmt: skip
-        path, downloaded = lora_sources.fetch_lora(page, tokens=tokens)
+        path, downloaded = lora_store().fetch(page, tokens=tokens)
         assert downloaded and lora.convert(path, "civitai", transformer).layers
         assert all(r["authorization"] == "Bearer civ_secret" for r in log.requests)
         with pytest.raises(InputError, match="has no SafeTensor file"):
-            lora_sources.resolve("https://civitai.com/models/78", tokens=tokens)
+            lora_store().resolve("https://civitai.com/models/78", tokens=tokens)
         with pytest.raises(InputError, match="has no version 999"):
-            lora_sources.resolve(f"{page}?modelVersionId=999", tokens=tokens)
+            lora_store().resolve(f"{page}?modelVersionId=999", tokens=tokens)
         with pytest.raises(InputError, match=r"not found \(HTTP 404\)"):
-            lora_sources.resolve("https://civitai.com/models/79", tokens=tokens)
+            lora_store().resolve("https://civitai.com/models/79", tokens=tokens)
         with pytest.raises(InputError, match=r"access denied \(HTTP 401\).*civitai_api_token"):
-            lora_sources.resolve(page, tokens=lora_sources.LoraTokens(civitai="wrong"))
+            lora_store().resolve(page, tokens=lora_sources.LoraTokens(civitai="wrong"))
 
 
 def test_tar_archives(lora_env, transformer):
@@ -156,7 +157,7 @@ def test_tar_archives(lora_env, transformer):
     _tar(root / "link.tar", {"lora.safetensors": data}, links={"other.safetensors": "/etc/passwd"})
     del good
     with serve_tree(root) as (url, _):
-        path, _ = lora_sources.fetch_lora(f"{url}/ok.tar")
+        path, _ = lora_store().fetch(f"{url}/ok.tar")
         assert path.read_bytes() == data
         for name, message in [
             ("two.tar", "exactly one .safetensors"),
@@ -164,7 +165,7 @@ def test_tar_archives(lora_env, transformer):
             ("link.tar", "link"),
         ]:
             with pytest.raises(InputError, match=message):
-                lora_sources.fetch_lora(f"{url}/{name}")
+                lora_store().fetch(f"{url}/{name}")
     assert not list((lora_env / "cache").glob("*.part*")) and not (lora_env / "evil.safetensors").exists()
 
 
@@ -176,15 +177,15 @@ def test_download_failures_and_limits(lora_env, transformer, monkeypatch):
     faults = Faults(drop_after={"good.safetensors": 100})
     with serve_tree(root, faults) as (url, log):
         with pytest.raises(InputError, match="could not fetch the LoRA"):
-            lora_sources.fetch_lora(f"{url}/missing.safetensors")
+            lora_store().fetch(f"{url}/missing.safetensors")
         with pytest.raises(InputError, match="not a valid .safetensors file"):
-            lora_sources.fetch_lora(f"{url}/corrupt.safetensors")
+            lora_store().fetch(f"{url}/corrupt.safetensors")
         monkeypatch.setenv("FLUX_LORA_MAX_BYTES", "1000")
         with pytest.raises(InputError, match="larger than the limit of 1000 bytes"):
-            lora_sources.fetch_lora(f"{url}/big.safetensors")
+            lora_store().fetch(f"{url}/big.safetensors")
         monkeypatch.delenv("FLUX_LORA_MAX_BYTES")
         # a dropped connection is resumed with a Range request
-        path, downloaded = lora_sources.fetch_lora(f"{url}/good.safetensors")
+        path, downloaded = lora_store().fetch(f"{url}/good.safetensors")
         assert downloaded and path.read_bytes() == (root / "good.safetensors").read_bytes()
         assert any(r["range"] for r in log.requests)
     assert not list((lora_env / "cache").glob("*.part"))
@@ -202,7 +203,7 @@ def test_cache_evicts_the_least_recently_used(lora_env, monkeypatch):
         os.utime(p, (1000 + i, 1000 + i))
         paths.append(p)
     monkeypatch.setenv("FLUX_LORA_CACHE_BYTES", "2500")
-    assert lora_sources.evict() == [paths[0]]
+    assert lora_store().evict() == [paths[0]]
     assert [p.exists() for p in paths] == [False, True, True]
 
 
@@ -276,7 +277,7 @@ def test_swapping_loras_and_strengths_never_compiles(tiny_weights, tmp_path, how
     if rank:
         lora.install_branches(c.transformer, rank, c.dtype)
     torch._dynamo.reset()
-    compile_transformer(c, FastSettings(compile="1", compile_backend="flux_test_counting"))
+    compile_transformer(c.transformer, FastPathConfig(compile_backend="flux_test_counting"))
     state = lora.LoraState(c.transformer, branch_rank=rank)
     low = lora.convert(
         write_lora(tmp_path / "r4.safetensors", make_lora(c.transformer, "peft", rank=4)), "r4", c.transformer
@@ -284,7 +285,7 @@ def test_swapping_loras_and_strengths_never_compiles(tiny_weights, tmp_path, how
     high = lora.convert(
         write_lora(tmp_path / "r16.safetensors", make_lora(c.transformer, "kohya", rank=16)), "r16", c.transformer
     )
-    settings = EditSettings(prompt="x", width=32, height=32, seed=1, num_steps=4)
+    settings = EditPlan(prompt="x", width=32, height=32, seed=1, num_steps=4)
     pinned = LabOverrides(condition_size=(32, 32))
     image = random_image(32, 32)
     base = edit(c, image, settings, lab=pinned).latents  # compiles
@@ -352,7 +353,7 @@ def test_side_branch_applies_loras_without_touching_the_weights(tiny_weights, tm
                      c.transformer)  # fmt: skip
     b = lora.convert(write_lora(tmp_path / "b.safetensors", make_lora(c.transformer, "kohya", rank=8, seed=2)), "b",
                      c.transformer)  # fmt: skip
-    settings = EditSettings(prompt="x", width=32, height=32, seed=1, num_steps=4)
+    settings = EditPlan(prompt="x", width=32, height=32, seed=1, num_steps=4)
     image = random_image(32, 32)
     base = edit(c, image, settings).latents
     assert lora.install_branches(c.transformer, 16, c.dtype) == sum(
@@ -393,8 +394,8 @@ def test_a_predictor_with_the_side_branch_serves_loras(tiny_weights, tmp_path, m
         monkeypatch.setenv(name, value)
     predictor = Predictor()
     predictor.setup()
-    assert predictor.model.fast_path["lora_branch"].startswith("rank 8 on ")
-    assert predictor.model.loras.branch_rank == 8
+    assert predictor.model.runtime.decided.summary()["lora_branch"].startswith("rank 8 on ")
+    assert predictor.model.runtime.loras.branch_rank == 8
     outputs = []
     with serve_tree(tmp_path / "site") as (url, _):
         for source in (None, f"{url}/peft.safetensors", None):
@@ -404,19 +405,16 @@ def test_a_predictor_with_the_side_branch_serves_loras(tiny_weights, tmp_path, m
     assert outputs[0] != outputs[1] and outputs[0] == outputs[2]
 
 
-def test_a_bad_request_fails_before_any_lora_is_downloaded(lora_env, transformer):
-    from flux.cli import PROXY_DIR
-    from flux.pipeline import Model, run_edit
-    from tests.conftest import image_bytes
+def test_a_bad_image_fails_before_any_lora_is_downloaded(lora_env, transformer):
+    from flux.pipeline import run_edit
+    from flux.request import EditRequest
+    from flux.weights import PROXY_DIR
+    from tests.conftest import model_of
 
     write_lora(lora_env / "site" / "l.safetensors", make_lora(transformer, "peft"))
-    model = Model(load_components(PROXY_DIR), None, PROXY_DIR)
+    model = model_of(load_components(PROXY_DIR))
     with serve_tree(lora_env / "site") as (url, log):
-        with pytest.raises(InputError, match="prompt is empty"):
-            run_edit(
-                model,
-                image_bytes(random_image(32, 32)),
-                "\x00",
-                loras=[lora_sources.LoraRequest(f"{url}/l.safetensors")],
-            )
+        lora_file = lora_sources.LoraRequest(f"{url}/l.safetensors")
+        with pytest.raises(InputError, match="input_image is not a readable image"):
+            run_edit(model, EditRequest("x", b"not an image", loras=(lora_file,)))
         assert log.requests == []

@@ -14,6 +14,7 @@ import socket
 import tarfile
 import time
 import tracemalloc
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +23,10 @@ from flux import lora, lora_sources, outbound
 from flux.errors import InputError
 from flux.lab.loras import write_lora
 from tests.cog_server import free_port
+from tests.conftest import fetch_policy, lora_store
 from tests.weights_server import Faults, serve_tree
 
+ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = "93.184.216.34"  # public-looking; the patched connect carries it to 127.0.0.1
 LIMITS = outbound.FetchLimits(deadline_s=20, min_rate=0, window_s=10)
 
@@ -93,10 +96,10 @@ def test_internal_addresses_are_refused_before_any_connection(net, url, tmp_path
     net.table.update({"metadata.test": "169.254.169.254", "internal.test": "10.0.0.1",
                       "mapped.test": "::ffff:169.254.169.254"})  # fmt: skip
     with pytest.raises(outbound.Refused):
-        outbound.download(url, tmp_path / "x.part", limits=LIMITS)
+        outbound.download(url, tmp_path / "x.part", limits=LIMITS, policy=fetch_policy())
     monkeypatch.setenv("FLUX_LORA_CACHE", str(tmp_path / "cache"))
     with pytest.raises(InputError, match="could not fetch the LoRA"):
-        lora_sources.fetch_lora(url)
+        lora_store().fetch(url)
     assert net.attempts == []
     assert not (tmp_path / "x.part").exists()
 
@@ -132,7 +135,12 @@ def test_a_public_name_that_redirects_inside_is_refused_at_the_redirect(net, tmp
             first = int(redirector.rsplit(":", 1)[1])
             for path, error in [("a", outbound.Refused), ("b", outbound.Refused), ("c", outbound.FetchError)]:
                 with pytest.raises(error):
-                    outbound.download(f"http://lora.example.com:{first}/{path}", tmp_path / "o.part", limits=LIMITS)
+                    outbound.download(
+                        f"http://lora.example.com:{first}/{path}",
+                        tmp_path / "o.part",
+                        limits=LIMITS,
+                        policy=fetch_policy(),
+                    )
     assert target_log.requests == []
     assert [a for a in net.attempts if a[1] == port] == []
     assert {a[0] for a in net.attempts} == {PUBLIC}
@@ -143,7 +151,9 @@ def test_a_name_is_resolved_once_and_the_checked_address_is_the_one_connected(ne
     net.table["cdn.example.com"] = PUBLIC
     with serve_tree(tmp_path) as (url, _):
         port = url.rsplit(":", 1)[1]
-        outbound.download(f"http://cdn.example.com:{port}/f.bin", tmp_path / "f.part", limits=LIMITS)
+        outbound.download(
+            f"http://cdn.example.com:{port}/f.bin", tmp_path / "f.part", limits=LIMITS, policy=fetch_policy()
+        )
     assert net.lookups.count("cdn.example.com") == 1
     assert net.attempts == [(PUBLIC, int(port))]
 
@@ -175,8 +185,12 @@ def test_a_redirect_off_the_origin_carries_no_token_and_one_on_it_keeps_it(tmp_p
         redirects = {"away": f"{other}/f.bin", "here": "/f.bin"}
         with serve_tree(tmp_path, Faults(redirects=redirects)) as (origin, origin_log):
             credential = outbound.Credential("tok", "huggingface.co", (origin,))
-            outbound.download(f"{origin}/away", tmp_path / "a.part", limits=LIMITS, credential=credential)
-            outbound.download(f"{origin}/here", tmp_path / "b.part", limits=LIMITS, credential=credential)
+            outbound.download(
+                f"{origin}/away", tmp_path / "a.part", limits=LIMITS, credential=credential, policy=fetch_policy()
+            )
+            outbound.download(
+                f"{origin}/here", tmp_path / "b.part", limits=LIMITS, credential=credential, policy=fetch_policy()
+            )
     assert [r["authorization"] for r in origin_log.requests] == ["Bearer tok"] * 3
     assert [r["authorization"] for r in other_log.requests] == [None]
     assert (tmp_path / "a.part").read_bytes() == (tmp_path / "b.part").read_bytes() == b"lora bytes"
@@ -187,7 +201,7 @@ def test_too_many_redirects_stop(tmp_path):
         serve_tree(tmp_path, Faults(redirects={"loop": "/loop"})) as (url, log),
         pytest.raises(outbound.FetchError, match="redirects"),
     ):
-        outbound.download(f"{url}/loop", tmp_path / "o.part", limits=LIMITS)
+        outbound.download(f"{url}/loop", tmp_path / "o.part", limits=LIMITS, policy=fetch_policy())
     assert len(log.requests) == outbound.MAX_REDIRECTS + 1
 
 
@@ -204,7 +218,7 @@ def test_a_drip_server_is_cut(tmp_path, limits, message):
     with serve_tree(tmp_path, Faults(drip={"slow.bin": 0.2})) as (url, _):
         start = time.monotonic()
         with pytest.raises(outbound.TooSlow, match=message):
-            outbound.download(f"{url}/slow.bin", tmp_path / "o.part", limits=limits)
+            outbound.download(f"{url}/slow.bin", tmp_path / "o.part", limits=limits, policy=fetch_policy())
         assert time.monotonic() - start < 3.5
 
 
@@ -215,7 +229,9 @@ def test_a_silent_server_is_cut_after_one_window(tmp_path):
     with listener, pytest.raises(outbound.TooSlow):
         # the connection is accepted by the kernel's backlog; nothing is ever answered
         outbound.get_json(
-            f"http://127.0.0.1:{port}/", limits=outbound.FetchLimits(deadline_s=None, min_rate=0, window_s=1.0)
+            f"http://127.0.0.1:{port}/",
+            limits=outbound.FetchLimits(deadline_s=None, min_rate=0, window_s=1.0),
+            policy=fetch_policy(),
         )
     assert time.monotonic() - start < 3
 
@@ -226,14 +242,14 @@ def test_a_compressed_body_is_read_as_sent(tmp_path):
 
     (tmp_path / "g").write_bytes(gzip.compress(b"\x00" * 5_000_000))
     with serve_tree(tmp_path) as (url, _):
-        outbound.download(f"{url}/g", tmp_path / "o.part", limits=LIMITS, limit=100_000)
+        outbound.download(f"{url}/g", tmp_path / "o.part", limits=LIMITS, limit=100_000, policy=fetch_policy())
     assert (tmp_path / "o.part").read_bytes() == (tmp_path / "g").read_bytes()
 
 
 def _failure_text(url: str, monkeypatch, tmp_path) -> str:
     monkeypatch.setenv("FLUX_LORA_CACHE", str(tmp_path / "cache"))
     with pytest.raises(InputError) as caught:
-        lora_sources.fetch_lora(url)
+        lora_store().fetch(url)
     return str(caught.value).replace(url, "URL")
 
 
@@ -259,7 +275,7 @@ def test_hub_paths_outside_the_repo_are_refused_before_any_request(tmp_path, mon
         monkeypatch.setenv("HF_ENDPOINT", url)
         for source in ["owner/name/../../x.safetensors", "owner/name/./x.safetensors", f"{url}/a/b/resolve/main/../x"]:
             with pytest.raises(InputError):
-                lora_sources.resolve(source)
+                lora_store().resolve(source)
     assert log.requests == []
 
 
@@ -273,9 +289,9 @@ def test_a_token_read_listing_is_not_repeated_in_errors(tmp_path, monkeypatch):
     with serve_tree(tmp_path) as (url, _):
         monkeypatch.setenv("HF_ENDPOINT", url)
         with pytest.raises(InputError, match="has 2 .safetensors files") as with_token:
-            lora_sources.resolve("me/private", tokens=lora_sources.LoraTokens(hf="caller"))
+            lora_store().resolve("me/private", tokens=lora_sources.LoraTokens(hf="caller"))
         with pytest.raises(InputError, match="secret-a") as without:
-            lora_sources.resolve("me/private")
+            lora_store().resolve("me/private")
     assert "secret" not in str(with_token.value) and "secret-b" in str(without.value)
 
 
@@ -283,18 +299,18 @@ def test_the_operators_tokens_serve_a_callers_lora_only_when_opted_in(monkeypatc
     monkeypatch.setenv("HF_TOKEN", "operator-hf")
     monkeypatch.setenv("CIVITAI_API_TOKEN", "operator-civ")
     monkeypatch.delenv("FLUX_LORA_OPERATOR_TOKENS", raising=False)
-    assert lora_sources.LoraTokens.for_request() == lora_sources.LoraTokens()
-    assert lora_sources.LoraTokens.for_request("caller") == lora_sources.LoraTokens(hf="caller")
+    assert lora_store().tokens_for() == lora_sources.LoraTokens()
+    assert lora_store().tokens_for("caller") == lora_sources.LoraTokens(hf="caller")
     monkeypatch.setenv("FLUX_LORA_OPERATOR_TOKENS", "1")
-    assert lora_sources.LoraTokens.for_request() == lora_sources.LoraTokens("operator-hf", "operator-civ")
-    assert lora_sources.LoraTokens.for_request("caller").hf == "caller"
-    assert "operator" not in repr(lora_sources.LoraTokens.for_request())
+    assert lora_store().tokens_for() == lora_sources.LoraTokens("operator-hf", "operator-civ")
+    assert lora_store().tokens_for("caller").hf == "caller"
+    assert "operator" not in repr(lora_store().tokens_for())
 
 
 def test_a_lora_fetched_with_a_token_is_cached_for_that_token_only(monkeypatch, tmp_path):
     monkeypatch.setenv("FLUX_LORA_CACHE", str(tmp_path))
     source = "me/private/lora.safetensors"
-    paths = {lora_sources.cached_path(source, lora_sources.LoraTokens(hf=t)) for t in (None, "a", "b")}
+    paths = {lora_store().cached_path(source, lora_sources.LoraTokens(hf=t)) for t in (None, "a", "b")}
     assert len(paths) == 3
 
 
@@ -316,11 +332,11 @@ def test_compressed_and_entry_bomb_tars_are_refused_quickly_in_bounded_memory(tm
     with serve_tree(site) as (url, _):
         for name in ("gz.tar", "xz.tar"):
             with pytest.raises(InputError, match="compressed archives are refused"):
-                lora_sources.fetch_lora(f"{url}/{name}")
+                lora_store().fetch(f"{url}/{name}")
         tracemalloc.start()
         start = time.monotonic()
         with pytest.raises(InputError, match=f"more than {lora_sources.MAX_TAR_ENTRIES} entries"):
-            lora_sources.fetch_lora(f"{url}/bomb.tar")
+            lora_store().fetch(f"{url}/bomb.tar")
         seconds = time.monotonic() - start
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
@@ -338,9 +354,9 @@ def test_partial_files_are_cleaned_at_startup_and_counted_by_eviction(tmp_path, 
     kept.write_bytes(b"x" * 1000)
     os.utime(stale, (1000, 1000))
     monkeypatch.setenv("FLUX_LORA_CACHE_BYTES", "2000")
-    assert lora_sources.evict(keep=kept) == [stale]
+    assert lora_store().evict(keep=kept) == [stale]
     stale.write_bytes(b"x")
-    assert lora_sources.clean_partials() == [stale] and kept.exists()
+    assert lora_store().clean_partials() == [stale] and kept.exists()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -370,3 +386,24 @@ def test_sixteen_bit_images_convert_without_a_float_copy():
     assert np.array_equal(np.asarray(rgb)[..., 0], expected)
     # the float64 conversion peaked at 24 bytes a pixel; what is left is PIL's copy out and the RGB result
     assert peak < 12 * array.size, peak / array.size
+
+
+def test_the_address_rule_is_where_every_connection_is_made(tmp_path, monkeypatch):
+    """flux/outbound.py sets httpx2's pool's network backend, an internal attribute: httpx2 and
+    httpcore2 are pinned in requirements.txt (the versions installed), and a release that moved the
+    attribute would make this fail, not silently skip the rule."""
+    from importlib.metadata import version
+
+    pinned = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line)
+    assert pinned["httpx2"] == version("httpx2") and pinned["httpcore2"] == version("httpcore2")
+    checked = []
+    rule = outbound.AddressPolicy.check
+    monkeypatch.setattr(
+        outbound.AddressPolicy, "check", lambda self, host, port: checked.append(port) or rule(self, host, port)
+    )
+    (tmp_path / "f.bin").write_bytes(b"x" * 1000)
+    with serve_tree(tmp_path) as (url, log):
+        outbound.download(f"{url}/f.bin", tmp_path / "o.part", limits=LIMITS, policy=fetch_policy())
+        with pytest.raises(outbound.Refused):
+            outbound.download(f"{url}/f.bin", tmp_path / "p.part", limits=LIMITS)  # loopback: not allowed by default
+    assert checked == [int(url.rsplit(":", 1)[1])] * 2 and len(log.requests) == 1

@@ -4,6 +4,7 @@ a killed worker fails clearly; no worker outlives its parent."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -16,11 +17,13 @@ import pytest
 import torch
 
 from flux import sizes
-from flux.edit import EditSettings, edit
+from flux.config import Config
+from flux.edit import EditPlan, edit
 from flux.lab.loras import make_lora, write_lora
 from flux.loading import load_components
-from flux.pipeline import load_model, output_size, run_edit
-from tests.conftest import image_bytes, random_image
+from flux.pipeline import load_model, plan_edit, run_edit
+from flux.request import EditRequest
+from tests.conftest import image_bytes, lora_store, random_image
 from tests.weights_server import serve_tree
 
 TOLERANCE = 1e-4
@@ -31,23 +34,21 @@ ROOT = Path(__file__).resolve().parent.parent
 def models(tiny_weights):
     """The tiny model in one process, and across two (rank 0 here, one worker process)."""
     single = load_components(tiny_weights)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FLUX_CONTEXT_PARALLEL", "2")
-        parallel = load_model(tiny_weights, with_safety=False)
+    parallel = load_model(Config.from_env(WEIGHTS_DIR=str(tiny_weights), FLUX_CONTEXT_PARALLEL="2"), with_safety=False)
     yield single, parallel
-    parallel.workers.close()
+    parallel.close()
 
 
 def _same_edit(models, image, settings, references=()):
     """The parallel model's edit through the product path, and one process at the size it chose."""
     single, parallel = models
-    result = run_edit(parallel, image_bytes(image), settings["prompt"], check_safety=False,
-                      references=[image_bytes(r) for r in references],
-                      **{k: v for k, v in settings.items() if k != "prompt"})  # fmt: skip
+    request = EditRequest(image=image_bytes(image), check_safety=False,
+                          references=tuple(image_bytes(r) for r in references), **settings)  # fmt: skip
+    result = run_edit(parallel, request)
     width, height = result.image.size
-    reference = edit(single, image, EditSettings(
-        prompt=settings["prompt"], width=width, height=height, seed=settings["seed"], num_steps=settings["num_steps"],
-        acceleration=settings.get("acceleration", "go fast"), multi_image_mode=settings.get("multi_image_mode", "offset"),
+    reference = edit(single, image, EditPlan(
+        prompt=request.prompt, width=width, height=height, seed=request.seed, num_steps=request.num_steps,
+        acceleration=request.acceleration, multi_image_mode=request.multi_image_mode,
     ), references=list(references))  # fmt: skip
     return result, reference
 
@@ -96,21 +97,23 @@ def test_a_lora_on_every_rank_and_its_exact_restore(models, tiny_weights, tmp_pa
 
     single, parallel = models
     monkeypatch.setenv("FLUX_LORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(parallel, "loras", lora_store())
     write_lora(tmp_path / "site" / "l.safetensors", make_lora(single.transformer, "peft", rank=4, seed=1))
     image = random_image(64, 48, seed=6)
-    base = run_edit(parallel, image_bytes(image), "x", seed=4, num_steps=4, check_safety=False).latents
+    plain = EditRequest("x", image_bytes(image), seed=4, num_steps=4, check_safety=False)
+    base = run_edit(parallel, plain).latents
     with serve_tree(tmp_path / "site") as (url, _):
-        with_lora = run_edit(parallel, image_bytes(image), "x", seed=4, num_steps=4, check_safety=False,
-                             loras=[LoraRequest(f"{url}/l.safetensors", 0.8)]).latents  # fmt: skip
+        loras = (LoraRequest(f"{url}/l.safetensors", 0.8),)
+        with_lora = run_edit(parallel, dataclasses.replace(plain, loras=loras)).latents
     from flux.lora import LoraState, convert
 
     state = LoraState(single.transformer)
     state.apply([(convert(next((tmp_path / "cache").glob("*.safetensors")), "l", single.transformer), 0.8)])
-    width, height = output_size(parallel, "match_input_image", image, [], "offset")
-    reference = edit(single, image, EditSettings("x", width, height, 4, num_steps=4)).latents
+    plan = plan_edit(parallel, plain, image, [])
+    reference = edit(single, image, EditPlan("x", plan.width, plan.height, 4, num_steps=4)).latents
     state.apply([])
     assert (with_lora - reference).abs().max().item() <= TOLERANCE and not torch.equal(with_lora, base)
-    restored = run_edit(parallel, image_bytes(image), "x", seed=4, num_steps=4, check_safety=False).latents
+    restored = run_edit(parallel, plain).latents
     assert torch.equal(restored, base)
 
 
@@ -130,13 +133,15 @@ def _children(pid: int) -> list[int]:
 KILLED_WORKER = """
 import json, os, signal, sys, time
 sys.path.insert(0, ROOT)
+from flux.config import Config
 from flux.errors import EditError
 from flux.pipeline import load_model, run_edit
+from flux.request import EditRequest
 from tests.conftest import image_bytes, random_image
-model = load_model(WEIGHTS, with_safety=False)
-image = image_bytes(random_image(64, 64))
-run_edit(model, image, "x", seed=1, num_steps=4, check_safety=False)
-worker = model.workers.processes[0]
+model = load_model(Config.from_env(), with_safety=False)
+request = EditRequest("x", image_bytes(random_image(64, 64)), seed=1, num_steps=4, check_safety=False)
+run_edit(model, request)
+worker = model.runtime.workers.processes[0]
 os.kill(worker.pid, SIGNAL)
 if SIGNAL == signal.SIGKILL:
     worker.wait(timeout=10)
@@ -144,20 +149,20 @@ report = {}
 for name in ("first", "next"):
     start = time.monotonic()
     try:
-        run_edit(model, image, "x", seed=1, num_steps=4, check_safety=False)
+        run_edit(model, request)
         report[name] = ["succeeded", 0]
     except EditError as exc:
         report[name] = [str(exc), time.monotonic() - start]
-model.workers.close(wait_s=5)
-report["left"] = [p.poll() is None for p in model.workers.processes]
+model.runtime.workers.close(wait_s=5)
+report["left"] = [p.poll() is None for p in model.runtime.workers.processes]
 print(json.dumps(report))
 """
 
 
 def _run_rank_zero(script: str, tiny_weights, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
     """``script`` as rank 0 of its own 2-process group, in a process of its own (one group per process)."""
-    code = script.replace("ROOT", repr(str(ROOT))).replace("WEIGHTS", repr(str(tiny_weights)))
-    environment = {**os.environ, "FLUX_CONTEXT_PARALLEL": "2", **env}
+    code = script.replace("ROOT", repr(str(ROOT)))
+    environment = {**os.environ, "FLUX_CONTEXT_PARALLEL": "2", "WEIGHTS_DIR": str(tiny_weights), **env}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                           env=environment, cwd=ROOT)  # fmt: skip
 
@@ -186,8 +191,9 @@ def test_a_dead_or_hung_worker_fails_the_edit_clearly_within_the_deadline(tiny_w
 PARENT = """
 import sys, time
 sys.path.insert(0, ROOT)
+from flux.config import Config
 from flux.pipeline import load_model
-model = load_model(WEIGHTS, with_safety=False)
+model = load_model(Config.from_env(), with_safety=False)
 print("ready", flush=True)
 time.sleep(60)
 """
@@ -195,9 +201,9 @@ time.sleep(60)
 
 def test_workers_end_with_shutdown_and_with_their_parent(tiny_weights, tmp_path):
     """A parent that exits without closing (killed) still leaves no worker behind."""
-    code = PARENT.replace("ROOT", repr(str(ROOT))).replace("WEIGHTS", repr(str(tiny_weights)))
+    code = PARENT.replace("ROOT", repr(str(ROOT)))
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                              env={**os.environ, "FLUX_CONTEXT_PARALLEL": "2"})  # fmt: skip
+                              env={**os.environ, "FLUX_CONTEXT_PARALLEL": "2", "WEIGHTS_DIR": str(tiny_weights)})  # fmt: skip
     try:
         assert parent.stdout.readline().strip() == "ready"
         workers = _children(parent.pid)
@@ -247,30 +253,33 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, ROOT)
 import torch, torch._dynamo
+from flux.config import Config
 from flux.pipeline import load_model, run_edit
+from flux.request import EditRequest
 from tests.conftest import image_bytes, random_image
 from flux.lab.loras import make_lora, write_lora
 from flux.lora_sources import LoraRequest
 from tests.weights_server import serve_tree
-model = load_model(WEIGHTS, with_safety=False)  # compiles in its warm-up, on both ranks
+model = load_model(Config.from_env(), with_safety=False)  # compiles in its warm-up, on both ranks
 write_lora(SITE / "l.safetensors", make_lora(model.components.transformer, "peft", rank=4, seed=1))
-before = model.workers.compiled_frames()
+before = model.runtime.compiled_frames()
 seen = []
+def request(w, h, **changes):
+    return EditRequest("x", image_bytes(random_image(w, h)), **{"seed": 1, "num_steps": 4, "check_safety": False, **changes})
 with torch._dynamo.config.patch(error_on_recompile=True), serve_tree(SITE) as (url, _):
     for w, h in [(90, 60), (37, 100), (200, 199), (640, 90), (64, 64)]:
-        seen.append(run_edit(model, image_bytes(random_image(w, h)), "x", seed=1, num_steps=4, check_safety=False).image.size)
-    references = [image_bytes(random_image(50, 90)), image_bytes(random_image(33, 33))]
+        seen.append(run_edit(model, request(w, h)).image.size)
+    references = (image_bytes(random_image(50, 90)), image_bytes(random_image(33, 33)))
     for mode in ("offset", "stitch"):
-        run_edit(model, image_bytes(random_image(100, 70)), "x", seed=1, num_steps=4, check_safety=False,
-                 references=references, multi_image_mode=mode)
+        run_edit(model, request(100, 70, references=references, multi_image_mode=mode))
     applied = []
-    for loras in ([LoraRequest(f"{url}/l.safetensors", 0.8)], []):  # a LoRA, then its restore
-        applied.append(len(run_edit(model, image_bytes(random_image(80, 80)), "x", seed=1, num_steps=6,
-                                    acceleration="go really fast", check_safety=False, loras=loras).report.loras))
-after = model.workers.compiled_frames()
-model.workers.close()
+    for loras in ((LoraRequest(f"{url}/l.safetensors", 0.8),), ()):  # a LoRA, then its restore
+        edited = run_edit(model, request(80, 80, num_steps=6, acceleration="go really fast", loras=loras))
+        applied.append(len(edited.report.loras))
+after = model.runtime.compiled_frames()
+model.close()
 print(json.dumps({"before": before, "after": after, "loras_applied": applied,
-                  "sizes": seen, "fast_path": {k: str(v) for k, v in model.fast_path.items()}}))
+                  "sizes": seen, "fast_path": model.runtime.decided.summary()}))
 """
 
 
@@ -348,3 +357,33 @@ def test_cancel_mid_edit_leaves_every_rank_in_step(tmp_path):
         status, body = server.predict(prompt="x", input_image=uri, num_inference_steps=4, seed=0)
         assert body["status"] == "succeeded", body
         assert server.settled_health() == "READY"
+
+
+class _Spawned(Exception):
+    pass
+
+
+def test_a_small_dev_shm_turns_nccl_shared_memory_off_before_any_worker_starts(monkeypatch, caplog):
+    """Docker's default /dev/shm (64 MB) is too small for NCCL's shared-memory transport (it fails or
+    hangs): with several CUDA ranks, setup turns that transport off, says so naming --shm-size, and
+    the workers start with it off; an operator's own NCCL_SHM_DISABLE stands; a large /dev/shm changes nothing."""
+    from flux import parallel
+
+    monkeypatch.delenv("NCCL_SHM_DISABLE", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(parallel, "_shared_memory_bytes", lambda: 64 << 20)
+    spawned = []
+
+    def popen(command, env):
+        spawned.append(env)
+        raise _Spawned
+
+    monkeypatch.setattr(parallel.subprocess, "Popen", popen)
+    with pytest.raises(_Spawned):
+        parallel.start(Config.from_env(FLUX_CONTEXT_PARALLEL="2"), torch.device("cuda"), torch.bfloat16)
+    assert spawned[0]["NCCL_SHM_DISABLE"] == "1" and os.environ["NCCL_SHM_DISABLE"] == "1"
+    assert "/dev/shm holds 64 MB" in caplog.text and "--shm-size" in caplog.text
+    monkeypatch.setenv("NCCL_SHM_DISABLE", "0")
+    assert parallel.shared_memory_for_nccl(64 << 20) is False and os.environ["NCCL_SHM_DISABLE"] == "0"
+    monkeypatch.delenv("NCCL_SHM_DISABLE")
+    assert parallel.shared_memory_for_nccl(16 << 30) is False and "NCCL_SHM_DISABLE" not in os.environ

@@ -8,12 +8,14 @@ import torch
 import torch._dynamo
 
 from flux import sizes
-from flux.cli import PROXY_DIR
-from flux.edit import EditSettings, LabOverrides, edit, encode_image
+from flux.config import FastPathConfig
+from flux.edit import EditPlan, LabOverrides, edit, encode_image
 from flux.errors import InputError
-from flux.fast import FastSettings, compile_transformer
+from flux.fast import compile_transformer
 from flux.loading import load_components
-from tests.conftest import image_bytes, random_image
+from flux.request import EditRequest
+from flux.weights import PROXY_DIR
+from tests.conftest import image_bytes, model_of, random_image
 from tests.counting import COUNTING
 
 
@@ -34,7 +36,7 @@ def _capture(c, references, mode, condition=(64, 64)):
 
     handle = c.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        settings = EditSettings("make the circle red", 64, 64, seed=1, num_steps=4, multi_image_mode=mode)
+        settings = EditPlan("make the circle red", 64, 64, seed=1, num_steps=4, multi_image_mode=mode)
         result = edit(
             c, random_image(64, 64), settings, lab=LabOverrides(condition_size=condition), references=references
         )
@@ -100,12 +102,9 @@ def test_without_references_the_inputs_are_those_of_one_image(proxy):
     assert with_refs.report.cache_bytes == result.report.cache_bytes  # the cache holds target tokens only
 
 
-def test_four_references_are_refused(proxy):
-    from flux.pipeline import Model, run_edit
-
-    model = Model(proxy, None, PROXY_DIR)
+def test_four_references_are_refused():
     with pytest.raises(InputError, match="at most 3 reference_images"):
-        run_edit(model, image_bytes(random_image(64, 64)), "x", references=[image_bytes(WIDE)] * 4)
+        EditRequest("x", image_bytes(random_image(64, 64)), references=(image_bytes(WIDE),) * 4)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +116,7 @@ def test_four_references_are_refused(proxy):
     ],
 )
 def test_bad_references_fail_clearly(tmp_path, data, message):
-    from flux.pipeline import Model, run_edit
+    from flux.pipeline import run_edit
 
     if data == "bomb":
         from tests.test_images import png_header_only
@@ -126,16 +125,16 @@ def test_bad_references_fail_clearly(tmp_path, data, message):
     good, bad = tmp_path / "good.png", tmp_path / "bad.png"
     good.write_bytes(image_bytes(random_image(64, 64)))
     bad.write_bytes(data)
-    model = Model(load_components(PROXY_DIR), None, PROXY_DIR)
+    model = model_of(load_components(PROXY_DIR))
     with pytest.raises(InputError, match=message):
-        run_edit(model, good, "make the circle red", num_steps=4, seed=1, references=[good, bad])
+        run_edit(model, EditRequest("make the circle red", good, num_steps=4, seed=1, references=(good, bad)))
 
 
 def test_references_never_compile_during_a_request(tmp_path):
     c = load_components(PROXY_DIR)
     torch._dynamo.reset()
-    compile_transformer(c, FastSettings(compile="1", compile_backend="flux_test_counting"))
-    settings = EditSettings("make the circle red", 64, 64, seed=1, num_steps=4)
+    compile_transformer(c.transformer, FastPathConfig(compile_backend="flux_test_counting"))
+    settings = EditPlan("make the circle red", 64, 64, seed=1, num_steps=4)
     edit(c, random_image(64, 64), settings)  # the warm-up: compiles
     edit(c, random_image(64, 64), settings, references=[WIDE])
     graphs = COUNTING.graphs
@@ -143,7 +142,7 @@ def test_references_never_compile_during_a_request(tmp_path):
         for mode in ("offset", "index", "stitch"):
             for refs in ([WIDE], [TALL, WIDE], [random_image(300, 20), TALL, random_image(7, 7)]):
                 runs = COUNTING.runs
-                s = EditSettings("make the circle red", 64, 64, seed=1, num_steps=4, multi_image_mode=mode)
+                s = EditPlan("make the circle red", 64, 64, seed=1, num_steps=4, multi_image_mode=mode)
                 edit(c, random_image(90, 40), s, references=refs)
                 assert COUNTING.runs - runs >= 4
     assert COUNTING.graphs == graphs

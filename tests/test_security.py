@@ -8,8 +8,8 @@ import logging
 import pytest
 from cog import Path as CogPath
 
-from flux.fetch import FetchError, fetch
-from tests.conftest import image_bytes, random_image
+from flux.fetch import FetchError, WeightsRemote, fetch
+from tests.conftest import fetch_policy, image_bytes, random_image
 from tests.test_predict import DEFAULTS, make_predictor
 from tests.weights_server import Faults, serve_tree
 
@@ -37,6 +37,7 @@ def test_setup_and_prediction_logs_hold_no_token(tiny_weights, tmp_path, monkeyp
 def test_fetch_errors_hold_no_token(tiny_weights, tmp_path, capfd):
     manifest = json.loads((tiny_weights / "weights_manifest.json").read_text())
     with serve_tree(tiny_weights, Faults(token="the-right-one")) as (url, _), pytest.raises(FetchError) as info:
-        fetch(tmp_path / "w", manifest, base_url=url + f"/?t={TOKEN}", token=TOKEN, retries=0, progress=False)
+        remote = WeightsRemote(base_url=url + f"/?t={TOKEN}", token=TOKEN, policy=fetch_policy())
+        fetch(tmp_path / "w", manifest, remote, retries=0, progress=False)
     out, err = capfd.readouterr()
     assert TOKEN not in str(info.value) + out + err

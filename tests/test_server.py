@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from flux import sizes
-from flux.edit import MAX_SEED
 from flux.lab.tiny import TINY_SIDE
+from flux.request import MAX_SEED
 from tests.cog_server import cog_server, data_uri, decode_output
 from tests.conftest import image_bytes, random_image
 

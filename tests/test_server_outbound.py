@@ -216,13 +216,11 @@ def test_too_many_references_and_a_huge_prompt_are_refused_by_the_schema(world):
 
 
 def test_references_are_counted_before_any_is_decoded():
-    """In-process: four references that are not even images fail on their count."""
-    from flux.cli import PROXY_DIR
+    """In-process: four references that are not even images fail on their count, when the request is made."""
     from flux.errors import InputError
-    from flux.pipeline import Model, run_edit
+    from flux.request import EditRequest
 
-    model = Model(load_components(PROXY_DIR), None, PROXY_DIR)
     with pytest.raises(InputError, match="at most 3 reference_images"):
-        run_edit(model, b"not an image", "x", references=[b"junk"] * 4)
+        EditRequest("x", b"not an image", references=(b"junk",) * 4)
     with pytest.raises(InputError, match="prompt is longer"):
-        run_edit(model, b"not an image", "x" * 10_001)
+        EditRequest("x" * 10_001, b"not an image")

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from flux import weights
-from flux.fetch import FetchError, fetch
+from flux.config import Config
+from flux.errors import SetupError
+from flux.fetch import FetchError, WeightsRemote, fetch
 from flux.lab.build_context import build_context
 from tests.test_predict import DEFAULTS, make_predictor
 from tests.weights_server import Faults, serve_tree
@@ -92,7 +94,7 @@ def test_hub_reported_hashes_reject_a_mismatch_even_without_manifest_hashes(tiny
     with serve_tree(hub) as (url, log):
         monkeypatch.setenv("HF_ENDPOINT", url)
         with pytest.raises(FetchError, match=rf"{re.escape(wrong)}: sha256 \w+ does not match 0000"):
-            fetch(tmp_path / "weights", manifest, progress=False)
+            fetch(tmp_path / "weights", manifest, WeightsRemote.from_config(Config.from_env()), progress=False)
         assert not (tmp_path / "weights" / wrong).exists()
         assert list((tmp_path / "weights" / ".rejected").rglob("config.json*"))
         files = [r["path"] for r in log.requests if r["method"] == "GET"]
@@ -132,7 +134,7 @@ def test_setup_fetches_from_a_mirror_verifies_and_loads(tiny_weights, tmp_path, 
 def test_without_weights_or_a_source_setup_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.delenv("WEIGHTS_BASE_URL", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    with pytest.raises(FileNotFoundError, match="set WEIGHTS_BASE_URL"):
+    with pytest.raises(SetupError, match="set WEIGHTS_BASE_URL"):
         make_predictor(tmp_path / "weights", monkeypatch)
 
 
@@ -146,3 +148,34 @@ def test_a_mirror_with_a_bad_file_fails_setup_and_loads_nothing(tiny_weights, tm
         with pytest.raises(FetchError, match="vae/config.json: sha256"):
             make_predictor(tmp_path / "weights", monkeypatch)
     assert not (tmp_path / "weights" / "vae" / "config.json").exists()
+
+
+def test_the_image_runs_the_command_line_to_the_missing_weights_message(tmp_path):
+    """What `cog build` puts in the image (the build context: no flux/lab, no proxy weights) runs
+    `python -m flux edit` with no weights to the message that lists what is missing and how to fetch
+    it, and `python -m flux download` is there to fetch it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import image_bytes, random_image
+
+    image = tmp_path / "image"
+    for path, _ in build_context(ROOT):
+        (image / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / path, image / path)
+    assert not (image / "flux" / "lab").exists() and not (image / "flux" / "proxy_weights").exists()
+    (tmp_path / "in.png").write_bytes(image_bytes(random_image(64, 48)))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "WEIGHTS_BASE_URL", "HF_TOKEN")}
+    env["WEIGHTS_DIR"] = str(tmp_path / "src" / "weights")  # cog.yaml's /src/weights, absent
+    command = [sys.executable, "-m", "flux", "edit", "--image", str(tmp_path / "in.png"), "--prompt", "make it red",
+               "--out", str(tmp_path / "out.png")]  # fmt: skip
+    done = subprocess.run(command, cwd=image, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"error: the weights in {tmp_path / 'src' / 'weights'} are incomplete" in done.stderr
+    assert "missing: transformer/diffusion_pytorch_model-00001-of-00003.safetensors" in done.stderr
+    assert "python -m flux download --out" in done.stderr and "WEIGHTS_BASE_URL" in done.stderr
+    assert "Traceback" not in done.stderr and "--proxy" not in done.stderr and not (tmp_path / "out.png").exists()
+    helped = subprocess.run([sys.executable, "-m", "flux", "download", "--help"], cwd=image, env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert helped.returncode == 0 and "--base-url" in helped.stdout

@@ -12,7 +12,7 @@ import taylor_utils
 from flux import schedule
 from flux.edit import (
     DEFAULT_N_DERIVATIVES,
-    EditSettings,
+    EditPlan,
     LabOverrides,
     edit,
     encode_image,
@@ -155,7 +155,7 @@ def _count_calls(components, run):
 def _settings(**kw):
     base = dict(prompt="flip it", width=32, height=32, seed=3, num_steps=28)
     base.update(kw)
-    return EditSettings(**base)
+    return EditPlan(**base)
 
 
 def _edit(components, image, settings, cache=None):

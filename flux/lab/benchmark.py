@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 import taylor_utils
 from flux import images
 from flux.device import release_memory, synchronize
-from flux.edit import T5_MAX_TOKENS, EditSettings, LabOverrides, decode, edit
+from flux.edit import T5_MAX_TOKENS, EditPlan, LabOverrides, TransformerCall, decode, edit
 from flux.loading import Components
 
 SIZES = {
@@ -143,19 +143,19 @@ def _count_attention(c: Components) -> tuple[list, Callable[[], None]]:
 
 
 def run_project(
-    c: Components, image: Image.Image, size, level: str, steps: int, seed: int, references: list | None = None
-) -> dict:
+    c: Components, image: Image.Image, size, level: str, steps: int, seed: int, references: list | None = None,
+    transformer: TransformerCall | None = None,
+) -> dict:  # fmt: skip
+    """One timed edit by the project's loop (``transformer``: a runtime; default the components' module)."""
     width, height, _, _ = size
-    settings = EditSettings(
-        prompt="make the circle red", width=width, height=height, seed=seed, num_steps=steps,
-        acceleration=level,
-    )  # fmt: skip
+    plan = EditPlan(prompt="make the circle red", width=width, height=height, seed=seed, num_steps=steps,
+                    acceleration=level)  # fmt: skip
     synchronize(c.device)
     start = time.perf_counter()
     with PeakMemory(c.device) as peak:
         # references share the budget of one image of the benchmark's side, as they do at full size
         pinned = LabOverrides(condition_size=image.size, reference_base=max(image.size))
-        result = edit(c, image, settings, lab=pinned, references=references)
+        result = edit(c, image, plan, lab=pinned, references=references, transformer=transformer)
     synchronize(c.device)
     report = result.report
     forecast_ratio = None

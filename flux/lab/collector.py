@@ -57,15 +57,17 @@ def full_size_on_meta() -> dict:
 
 def predictions(count: int = 20) -> dict:
     """Seconds per tiny-model prediction (``run_edit``, 4 steps), the loaded objects in view, then frozen."""
+    from flux.config import Config
     from flux.lab.benchmark import input_image
     from flux.lab.tiny import make_tiny_weights
     from flux.pipeline import load_model, run_edit
+    from flux.request import EditRequest
 
     folder = Path(tempfile.mkdtemp(prefix="collector-"))
-    model = load_model(make_tiny_weights(folder / "weights"))
+    model = load_model(Config.from_env(WEIGHTS_DIR=str(make_tiny_weights(folder / "weights"))))
     input_image(320, 240).save(folder / "input.png")
     image = folder / "input.png"
-    run_edit(model, image, "warm up", seed=0, num_steps=4)
+    run_edit(model, EditRequest("warm up", image, seed=0, num_steps=4))
     figures = {}
     for name, freeze in (("in view", False), ("frozen", True)):
         gc.unfreeze()
@@ -73,7 +75,7 @@ def predictions(count: int = 20) -> dict:
             freeze_loaded_objects()
         start = time.perf_counter()
         for seed in range(count):
-            run_edit(model, image, "x", seed=seed, num_steps=4)
+            run_edit(model, EditRequest("x", image, seed=seed, num_steps=4))
         figures[name] = (time.perf_counter() - start) / count
     figures["objects"] = len(gc.get_objects()) + gc.get_freeze_count()
     return figures

@@ -16,6 +16,7 @@ that fails is recorded with its error and the check goes on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -30,12 +31,16 @@ import torch
 
 import taylor_utils
 from flux import lora, sizes
+from flux.config import Config, FastPathConfig
 from flux.device import dtype_for, release_memory, synchronize
-from flux.fast import FastSettings, compile_transformer, optimize, quantize_fp8, warm_up_sizes
+from flux.errors import SetupError
+from flux.fast import compile_transformer, quantize_fp8, warm_up_sizes
 from flux.lab.benchmark import SIZES, input_image, psnr, run_project
 from flux.lab.collector import in_view_and_frozen
 from flux.lab.tiny import random_components
-from flux.pipeline import Model, lora_state, speed_up, warm_up
+from flux.lora_sources import LoraStore
+from flux.pipeline import Model, start_runtime, warm_up
+from flux.runtime import AUTO_LORA_BRANCH_RANK, FastPath, LocalRuntime, TransformerRuntime, prepare_transformer
 
 STEPS = 28
 COLD_START_IF_UNDER_S = 360  # elapsed seconds after which the cold-start process is left out
@@ -44,9 +49,10 @@ MODE_IF_UNDER_S = 330  # a mode starts only while this many seconds have not pas
 UNSEEN_RATIOS = ("3:2", "9:16")  # sizes no warm-up edits: their first edit shows any compile stall
 
 
-def _edit(c, image, size: tuple[int, int], level: str, steps: int = STEPS) -> dict:
-    """One timed edit (the benchmark's measurement) of ``image`` to ``size`` (width, height)."""
-    run = run_project(c, image, (*size, *image.size), level, steps, seed=0)
+def _edit(c, image, size: tuple[int, int], level: str, steps: int = STEPS, runtime=None) -> dict:  # noqa: ANN001
+    """One timed edit (the benchmark's measurement) of ``image`` to ``size`` (width, height), through
+    ``runtime`` where given (several ranks), else the components' transformer."""
+    run = run_project(c, image, (*size, *image.size), level, steps, seed=0, transformer=runtime)
     report = run["report"]
     return {
         "seconds_per_edit": run["e2e"],
@@ -153,6 +159,17 @@ def _build(preset: str, device: torch.device):
     return random_components(preset, device, dtype_for(device), tempfile.mkdtemp(prefix="gpu-check-"))
 
 
+def _model(c, runtime: TransformerRuntime | None = None, config: Config | None = None) -> Model:  # noqa: ANN001
+    """The components as the pipeline holds them (what ``warm_up`` takes)."""
+    config = config or Config.from_env()
+    return Model(config, c, runtime or LocalRuntime(c.transformer), None, LoraStore(), {})
+
+
+def _shipped(**changes: object) -> FastPathConfig:
+    """The fast path as configured, compiling on any device this check runs on, with ``changes``."""
+    return dataclasses.replace(Config.from_env().fast, compile="on", **changes)
+
+
 def cold_start(out: Path, preset: str, device: torch.device) -> dict:
     """What setup() does on a GPU, timed per phase, in a fresh process (the compile cache is on disk)."""
     seconds = {}
@@ -161,10 +178,10 @@ def cold_start(out: Path, preset: str, device: torch.device) -> dict:
     synchronize(device)
     seconds["build_random_weights"] = time.perf_counter() - start
     start = time.perf_counter()
-    applied = optimize(c, FastSettings(**{**FastSettings.from_env().__dict__, "compile": "1"}))
+    applied = prepare_transformer(c.transformer, device, c.dtype, _shipped())
     seconds["fast_path"] = time.perf_counter() - start
-    seconds["warm_up"] = warm_up(Model(c, None, Path(tempfile.gettempdir())), warm_up_sizes(SIZES[preset][0]))
-    figures = {"seconds": seconds, "applied": {k: str(v) for k, v in applied.items()}}
+    seconds["warm_up"] = warm_up(_model(c, LocalRuntime(c.transformer, applied)), warm_up_sizes(SIZES[preset][0]))
+    figures = {"seconds": seconds, "applied": applied.summary()}
     (out / "cold_start.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
 
@@ -233,37 +250,30 @@ def _parallel_run(folder: Path, name: str, n: int, compile_setting: str, preset:
 
 def parallel_ranks(folder: Path, ranks: int, name: str, preset: str, device: torch.device) -> dict:
     """One rank count of ``parallel_case``, in a process of its own (a process holds one process group):
-    rank 0 with the saved transformer and random encoders and VAE, the product's own way to the
-    other ranks (``pipeline.speed_up``), one timed edit per level."""
-    from diffusers import FluxTransformer2DModel
-
+    rank 0 with the saved transformer (its folder read as the weights tree) and random encoders and
+    VAE, the product's own way to the other ranks (``pipeline.start_runtime``, as FLUX_CONTEXT_PARALLEL
+    and FLUX_COMPILE say), one timed edit per level."""
     c = _build(preset, device)
     c.transformer = None
     release_memory(device)
-    c.transformer = (
-        FluxTransformer2DModel.from_pretrained(folder / "transformer", local_files_only=True, dtype=c.dtype)
-        .to(device)
-        .eval()
-    )
-    model = Model(c, None, folder)
+    config = Config.from_env(WEIGHTS_DIR=str(folder))
     start = time.perf_counter()
-    speed_up(model, ranks)  # compiled (and warmed up on every rank) where FLUX_COMPILE says so
-    figures: dict = {
-        "ready_seconds": time.perf_counter() - start,
-        "applied": {k: str(v) for k, v in model.fast_path.items()},
-    }
+    runtime = start_runtime(config, device, c.dtype)
+    c.transformer = runtime.transformer
+    if runtime.decided.compiled is not None:  # compiled now, on every rank, as setup() does
+        warm_up(_model(c, runtime, config), warm_up_sizes(SIZES[preset][0]))
+    figures: dict = {"ready_seconds": time.perf_counter() - start, "applied": runtime.decided.summary()}
     size = SIZES[preset][0]
     image = input_image(*SIZES[preset][2:])
     try:
-        _edit(c, image, (size, size), "go really fast", steps=4)  # the first call's one-time costs
+        _edit(c, image, (size, size), "go really fast", steps=4, runtime=runtime)  # the first call's one-time costs
         for level in taylor_utils.ACCELERATION_LEVELS:
-            run = _edit(c, image, (size, size), level)
+            run = _edit(c, image, (size, size), level, runtime=runtime)
             torch.save(run.pop("latents").float().cpu(), folder / f"latents-{name}-{level}.pt")
             run.pop("image")
             figures[level] = {k: v for k, v in run.items() if k != "phases"}
     finally:
-        if model.workers is not None:
-            model.workers.close()
+        runtime.close()
     (folder / f"parallel-{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
 
@@ -291,45 +301,38 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
     say(f"one full garbage collection: {report['collector']['in_view_seconds']:.3f}s with the model in view, "
         f"{report['collector']['frozen_seconds'] * 1e3:.2f} ms frozen")  # fmt: skip
     image = input_image(size, size)
-    model = Model(c, None, Path(tempfile.gettempdir()))
-    shipped = FastSettings.from_env()
+    model = _model(c)
     modes: dict = {}
     report["modes"] = modes
     latents = {}
     modes_extra: dict = {}
 
-    # the compile setting of the shipped fast path, on any device this check runs on
-    compiling = FastSettings(**{**shipped.__dict__, "compile": "1"})
-
-    def prepare(mode: str) -> dict:
+    def prepare(mode: str) -> FastPath:
         """Each compiled mode starts from a fresh dynamo state, so its warm-up is a real compile."""
         if mode == "eager":
-            return {}
+            return FastPath()
         torch._dynamo.reset()
         if mode == "compiled":  # the shipped policy, and the rest of the fast path, FP8 off
-            return optimize(c, FastSettings(**{**compiling.__dict__, "fp8": "off"}))
+            return prepare_transformer(c.transformer, c.device, c.dtype, _shipped(fp8="off"))
         if mode == "compiled static":
-            return compile_transformer(c, FastSettings(**{**compiling.__dict__, "compile_shapes": "static"}))
+            return FastPath(compiled=compile_transformer(c.transformer, _shipped(compile_shapes="static")))
         # compiled+fp8: the shipped policy on the quantized transformer, with the LoRA side branch
         # setup() installs beside FP8; its cost measured eagerly, a short "none" edit without and with it
+        fp8, why = True, None
         try:
             quantize_fp8(c.transformer)
-            fp8: object = True
-        except RuntimeError as exc:  # no torchao (the CPU rehearsal): the branch and LoRA case still run
-            fp8 = f"off ({exc})"
+        except SetupError as exc:  # no torchao (the CPU rehearsal): the branch and LoRA case still run
+            fp8, why = False, str(exc)
         without = _edit(c, image, (size, size), "none", steps=4)["seconds_per_edit"]
-        rank = compiling.branch_rank(fp8_applied=True)
+        rank = _shipped().branch_rank(True, AUTO_LORA_BRANCH_RANK)
         layers = lora.install_branches(c.transformer, rank, c.dtype)
         with_branch = _edit(c, image, (size, size), "none", steps=4)["seconds_per_edit"]
         modes_extra["compiled+fp8"] = {"eager_4_step_edit_seconds": {"without_lora_branch": without,
                                                                      "with_lora_branch": with_branch}}  # fmt: skip
         say(f"compiled+fp8: eager 4-step edit {without:.2f}s, {with_branch:.2f}s with the rank-{rank} LoRA branch")
-        return {
-            "fp8": fp8,
-            "lora_branch": f"rank {rank} on {layers} linear layers",
-            "lora_branch_rank": rank,
-            **compile_transformer(c, FastSettings(**{**compiling.__dict__, "compile_shapes": "dynamic"})),
-        }
+        compiled = compile_transformer(c.transformer, _shipped(compile_shapes="dynamic"))
+        return FastPath(fp8=fp8, fp8_off_because=why, lora_branch_rank=rank, lora_branch_layers=layers,
+                        compiled=compiled)  # fmt: skip
 
     for mode in MODES:
         if time.perf_counter() - started > MODE_IF_UNDER_S:
@@ -344,7 +347,7 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
             warm_up(model, warm_sizes)
             warm = time.perf_counter() - start
             say(f"{mode}: ready in {warm:.1f}s ({applied})")
-            modes[mode] = {"applied": {k: str(v) for k, v in applied.items()}, "warm_up_seconds": warm,
+            modes[mode] = {"applied": applied.summary(), "warm_up_seconds": warm,
                            "warm_up_sizes": warm_sizes, "levels": {}, **modes_extra.get(mode, {})}  # fmt: skip
             for level in taylor_utils.ACCELERATION_LEVELS:
                 figures = _edit(c, image, (size, size), level)
@@ -358,7 +361,8 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
                 modes[mode]["references"] = _reference_case(c, image, size, say)
                 modes[mode]["release"] = _release_case(c, image, size, say)
             if mode in ("compiled", "compiled+fp8"):
-                modes[mode]["lora"] = _lora_case(c, image, size, say, lora_state(c, applied))
+                state = lora.LoraState(c.transformer, applied.lora_branch_rank, applied.fp8)
+                modes[mode]["lora"] = _lora_case(c, image, size, say, state)
         except Exception as exc:  # record and go on: the other modes are still worth measuring
             modes.setdefault(mode, {})["error"] = f"{type(exc).__name__}: {exc}"
             say(f"{mode} failed:\n{traceback.format_exc()}")

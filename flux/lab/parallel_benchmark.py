@@ -21,27 +21,29 @@ import json, sys, time
 sys.path.insert(0, ROOT)
 import numpy as np
 from PIL import Image
+from flux.config import Config
 from flux.pipeline import load_model, run_edit
+from flux.request import EditRequest
 from tests.conftest import image_bytes
-model = load_model(WEIGHTS, with_safety=False)
+model = load_model(Config.from_env(), with_safety=False)
 image = image_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)))
-run_edit(model, image, "warm up", seed=0, num_steps=4, check_safety=False)
+run_edit(model, EditRequest("warm up", image, seed=0, num_steps=4, check_safety=False))
 figures = {}
 for level in LEVELS:
     start = time.perf_counter()
-    result = run_edit(model, image, "make it red", seed=1, num_steps=STEPS, acceleration=level, check_safety=False)
+    result = run_edit(model, EditRequest("make it red", image, seed=1, num_steps=STEPS, acceleration=level,
+                                         check_safety=False))
     figures[level] = {"seconds": time.perf_counter() - start, "size": list(result.image.size),
                       "latents": result.latents.flatten()[:4096].tolist()}
-if model.workers is not None:
-    model.workers.close()
+model.close()
 print(json.dumps(figures))
 """
 
 
 def _run(weights: Path, ranks: int, side: int, steps: int, levels: list[str]) -> dict:
-    code = (ONE_RUN.replace("ROOT", repr(str(PROJECT_ROOT))).replace("WEIGHTS", repr(str(weights)))
-            .replace("SIDE", str(side)).replace("STEPS", str(steps)).replace("LEVELS", repr(levels)))  # fmt: skip
-    env = {**os.environ, "FLUX_CONTEXT_PARALLEL": str(ranks)}
+    code = (ONE_RUN.replace("ROOT", repr(str(PROJECT_ROOT))).replace("SIDE", str(side)).replace("STEPS", str(steps))
+            .replace("LEVELS", repr(levels)))  # fmt: skip
+    env = {**os.environ, "FLUX_CONTEXT_PARALLEL": str(ranks), "WEIGHTS_DIR": str(weights)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"{ranks} ranks failed:\n{done.stderr[-3000:]}")

@@ -229,8 +229,9 @@ def components_of(models: dict[str, torch.nn.Module], tokenizer_dir: Path, devic
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTokenizer, T5TokenizerFast
 
-    from flux.loading import Components
+    from flux.loading import Components, place_vae
 
+    place_vae(models["vae"], device)
     return Components(
         **models,
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer"),

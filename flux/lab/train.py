@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flux.config import Config
 from flux.device import pick_device
 from flux.edit import encode_prompt, pack, position_ids
 from flux.errors import InputError
@@ -213,7 +214,7 @@ def train_proxy(out_dir: str | Path, config: TrainConfig | None = None, log: Cal
     config = config or TrainConfig()
     if len(config.instruction_weights) != len(PROMPTS):
         raise InputError(f"instruction_weights needs one weight per instruction ({len(PROMPTS)})")
-    device = pick_device()
+    device = pick_device(Config.from_env().device)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     out = Path(out_dir)
@@ -260,6 +261,7 @@ def train_proxy(out_dir: str | Path, config: TrainConfig | None = None, log: Cal
         )
         + "\n"
     )
-    tiny.write_tree_manifest(out, "proxy FLUX.1 Kontext trained on procedural edits by scripts/train_proxy.py")
+    tiny.write_tree_manifest(out, "proxy FLUX.1 Kontext trained on procedural edits by scripts/train_proxy.py",
+                             instructions=PROMPTS)  # fmt: skip
     log(f"trained in {seconds / 60:.1f} min; wrote {out}")
     return out

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flux.edit import EditSettings, edit, encode_prompt, position_ids
+from flux.edit import EditPlan, edit, encode_prompt, position_ids
 from flux.lab.benchmark import psnr
 from flux.lab.scenes import LORA_EDITS, SIDE, make_scene
 from flux.lab.train import GUIDANCE, encode_images
@@ -123,8 +123,8 @@ def evaluate_lora(weights_dir: str | Path, lora_path: str | Path, edits: int = 4
         outputs = {}
         for name, wanted in (("without_lora", []), ("with_lora", [(lora, 1.0)])):
             state.apply(wanted)
-            settings = EditSettings(INSTRUCTION, SIDE, SIDE, seed=i, acceleration=acceleration)
-            outputs[name] = np.asarray(edit(c, Image.fromarray(source), settings).image)
+            plan = EditPlan(INSTRUCTION, SIDE, SIDE, seed=i, acceleration=acceleration)
+            outputs[name] = np.asarray(edit(c, Image.fromarray(source), plan).image)
             rows[name].append(psnr(outputs[name], target, identical=100.0))
         if i < 4:
             samples.append({"input": source, **outputs, "target": target})
