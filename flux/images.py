@@ -10,56 +10,79 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from flux.errors import EditError, InputError
 
 log = logging.getLogger(__name__)
 
-ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
+# Pillow labels a JPEG whose MPF header lists a second image "MPO" (stereo cameras, the previews
+# many phones and cameras embed): its first image is a plain JPEG.
+ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP")
 # Pixel count above which an input is refused before its pixels are decoded
 # (a 30000x30000 PNG of a few KB would otherwise take gigabytes).
 MAX_INPUT_PIXELS = 64_000_000
 # Transparent pixels are composited on this background.
 BACKGROUND = (255, 255, 255)
-OUTPUT_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+OUTPUT_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "jpeg": "JPEG", "png": "PNG"}
 
 
-def load_image(source: str | os.PathLike | bytes, name: str = "input_image") -> Image.Image:
-    """Open an input image: checked, EXIF-rotated, flattened to 8-bit RGB.
+def load_image(source: str | os.PathLike | bytes, name: str = "input_image", reduce: bool = True) -> Image.Image:
+    """Open an input image: checked, EXIF-rotated, flattened to 8-bit RGB; of several frames or
+    pictures, the first.
 
     Raises InputError naming the input (``name``) and the problem for anything that is not a
-    usable jpeg, png, gif or webp image.
+    usable jpeg, png, gif or webp image, whatever the decoder raised. ``reduce``: decode a large
+    JPEG at a reduced scale (the edit resizes it to about 1 MP anyway); False for every pixel.
     """
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if not data:
-        raise InputError(f"{name} is empty (0 bytes)")
+        raise InputError(f"{name} is empty (0 bytes)", name)
+    image = _identify(data, name)
+    try:
+        return _decode(image, name, reduce)
+    except MemoryError:
+        raise
+    except Exception as exc:  # decoders meet malformed data with many types (struct.error, IndexError, ...)
+        log.info("%s: %s while decoding: %s", name, type(exc).__name__, exc)
+        raise InputError(
+            f"{name} could not be decoded: its {image.format} data is truncated or corrupt", name
+        ) from None
+
+
+def _identify(data: bytes, name: str) -> Image.Image:
+    """The image's header read (no pixels yet), its format and size checked."""
     try:
         image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-        if isinstance(exc, Image.DecompressionBombError):
-            raise InputError(_too_large(f"{name} declares far too many pixels")) from None
+    except Image.DecompressionBombError:
+        raise InputError(_too_large(f"{name} declares far too many pixels"), name) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # not an image, or a header a plugin cannot read (NotImplementedError, ...)
+        log.info("%s: %s while identifying: %s", name, type(exc).__name__, exc)
         raise InputError(
-            f"{name} is not a readable image ({len(data)} bytes); send a jpeg, png, gif or webp file"
+            f"{name} is not a readable image ({len(data)} bytes); send a jpeg, png, gif or webp file", name
         ) from None
     if image.format not in ACCEPTED_FORMATS:
-        raise InputError(f"{name} format {image.format} is not supported; send a jpeg, png, gif or webp file")
+        raise InputError(f"{name} format {image.format} is not supported; send a jpeg, png, gif or webp file", name)
     width, height = image.size
     if width * height > MAX_INPUT_PIXELS:
-        raise InputError(_too_large(f"{name} is {width}x{height} pixels"))
-    if getattr(image, "n_frames", 1) > 1:
-        log.warning("%s is animated (%d frames): using the first frame", name, image.n_frames)
+        raise InputError(_too_large(f"{name} is {width}x{height} pixels"), name)
+    return image
+
+
+def _decode(image: Image.Image, name: str, reduce: bool) -> Image.Image:
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        what = f"holds {frames} pictures (MPO)" if image.format == "MPO" else f"is animated ({frames} frames)"
+        log.warning("%s %s: using the first", name, what)
         image.seek(0)
-    try:
-        if image.format == "JPEG":
-            # decode large JPEGs at a reduced scale: memory stays bounded, quality is unaffected
-            # since the image is downscaled to about 1 MP anyway
-            image.draft("RGB", (1024, 1024))
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InputError(f"{name} could not be decoded ({exc}); the file may be truncated or corrupt") from None
+    if reduce and image.format in ("JPEG", "MPO"):
+        # decode large JPEGs at a reduced scale: memory stays bounded, quality is unaffected
+        # since the image is downscaled to about 1 MP anyway
+        image.draft("RGB", (1024, 1024))
+    image.load()
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def _too_large(what: str) -> str:

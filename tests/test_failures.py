@@ -108,7 +108,7 @@ def test_animated_webp_uses_first_frame(predictor, write, caplog):
     frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:])
     with caplog.at_level("WARNING"):
         predict(predictor, write(buffer.getvalue(), "anim.webp"))
-    assert "first frame" in caplog.text
+    assert "is animated (2 frames): using the first" in caplog.text
 
 
 @pytest.mark.parametrize("prompt", ["", "   \n\t ", "\x00", "\x00\x07\x1b\x7f\x9b"])

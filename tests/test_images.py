@@ -93,7 +93,7 @@ def test_animated_gif_uses_the_first_frame(caplog):
         image = images.load_image(buffer.getvalue())
     r, g, b = image.getpixel((8, 8))
     assert r > 200 and b < 50
-    assert "first frame" in caplog.text
+    assert "is animated (2 frames): using the first" in caplog.text
 
 
 def test_exif_rotation_is_applied():
@@ -126,3 +126,140 @@ def test_save_formats(tmp_path, fmt, pil):
     path = images.save_image(random_image(16, 16), tmp_path / f"o.{fmt}", fmt, 80)
     with Image.open(path) as image:
         assert image.format == pil
+
+
+# --- what cameras and phones write, and what malformed files make the decoders raise -------------
+
+
+def mpo_bytes(first=(200, 0, 0), second=(0, 0, 200), size=(48, 32)) -> bytes:
+    """A JPEG whose MPF header lists a second picture (stereo cameras, embedded previews): Pillow says MPO."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, first).save(buffer, "MPO", save_all=True, append_images=[Image.new("RGB", size, second)])
+    return buffer.getvalue()
+
+
+def test_a_jpeg_with_a_second_picture_loads_its_first(caplog):
+    data = mpo_bytes()
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    with caplog.at_level("WARNING"):
+        image = images.load_image(data)
+    assert image.size == (48, 32) and np.abs(np.asarray(image, dtype=int) - (200, 0, 0)).max() <= 8
+    assert "holds 2 pictures (MPO): using the first" in caplog.text
+
+
+def _animated_gif(frames: int = 3, side: int = 32) -> bytes:
+    rng = np.random.default_rng(3)
+    pictures = [
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).convert("P") for _ in range(frames)
+    ]
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, "GIF", save_all=True, append_images=pictures[1:])
+    return buffer.getvalue()
+
+
+def _raised_by_pillow(data: bytes) -> type[BaseException] | None:
+    """What Pillow itself raises reading ``data`` the way load_image does (None: nothing)."""
+    from PIL import ImageOps
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        getattr(image, "n_frames", 1)
+        image.load()
+        ImageOps.exif_transpose(image).convert("RGB")
+    except BaseException as exc:  # noqa: BLE001 - the point is to see which type
+        return type(exc)
+    return None
+
+
+def _exif_of_the_wrong_type() -> bytes:
+    """A JPEG turned by EXIF orientation whose EXIF also holds Compression (0x0103) as text, which
+    Pillow's EXIF writer cannot pack back (struct.error inside ImageOps.exif_transpose)."""
+    image = Image.new("RGB", (32, 16), (10, 20, 30))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotated: exif_transpose rewrites the EXIF
+    exif[0x0131] = "software x"  # Software, as text
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue().replace(b"\x01\x31\x00\x02", b"\x01\x03\x00\x02", 1)  # now Compression, as text
+
+
+def _dds(fourcc: bytes = b"XYZ1") -> bytes:
+    """A DDS file whose pixel format Pillow does not implement (NotImplementedError when opened)."""
+    header = struct.pack("<4sIIIIIII", b"DDS ", 124, 0x1007, 8, 8, 0, 0, 0) + b"\0" * 44
+    header += struct.pack("<II4sIIIII", 32, 0x4, fourcc, 0, 0, 0, 0, 0) + struct.pack("<IIIII", 0x1000, 0, 0, 0, 0)
+    return header + b"\0" * 256
+
+
+def test_each_class_of_decoder_failure_is_an_input_error():
+    """The classes found in Pillow's own test corpus and a mutation fuzz: truncated GIF frames
+    (IndexError when counting them, struct.error reading them), EXIF Pillow cannot write back
+    (struct.error), an unimplemented DDS pixel format (NotImplementedError), and a 31-byte GIF."""
+    gif = _animated_gif()
+    cuts = {_raised_by_pillow(gif[:cut]): gif[:cut] for cut in range(10, len(gif), 3)}
+    assert {IndexError, struct.error} <= set(cuts)
+    cases = {
+        "GIF frames cut short (IndexError)": cuts[IndexError],
+        "GIF frames cut short (struct.error)": cuts[struct.error],
+        "EXIF of the wrong type": _exif_of_the_wrong_type(),
+        "DDS pixel format": _dds(),
+        "31-byte GIF": gif[:31],
+    }
+    assert _raised_by_pillow(cases["EXIF of the wrong type"]) is struct.error
+    assert _raised_by_pillow(cases["DDS pixel format"]) is NotImplementedError
+    for what, data in cases.items():
+        with pytest.raises(InputError) as info:
+            images.load_image(data)
+        message = str(info.value)
+        assert message.startswith("input_image ") and info.value.field == "input_image", what
+        assert "unpack" not in message and "index out of range" not in message and "Unimplemented" not in message
+
+
+def _valid(kind: str) -> bytes:
+    """A valid file of each kind the fuzz mutates: several frames, EXIF rotation, a second picture."""
+    image = random_image(40, 24, seed=5)
+    if kind == "gif, 3 frames":
+        return _animated_gif(3, 24)
+    if kind == "webp, 3 frames":
+        frames = [random_image(24, 24, seed=i) for i in range(3)]
+        buffer = io.BytesIO()
+        frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:])
+        return buffer.getvalue()
+    if kind == "jpeg, EXIF rotation":
+        exif = image.getexif()
+        exif[0x0112] = 6
+        return image_bytes(image, "JPEG", exif=exif)
+    return mpo_bytes() if kind == "mpo" else image_bytes(image, "PNG")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns of the corrupt EXIF it skips
+@pytest.mark.parametrize("kind", ["png", "jpeg, EXIF rotation", "gif, 3 frames", "webp, 3 frames", "mpo"])
+def test_mutated_files_load_or_fail_as_input_errors(kind):
+    """A seeded mutation fuzz: 400 mutants of a valid file per kind (bytes changed, cut, repeated);
+    each one either loads as 8-bit RGB or fails with an InputError, never anything else (before
+    the decoders' own exceptions were caught, 34 of the GIF's mutants escaped as IndexError)."""
+    import random
+
+    rng = random.Random(kind)
+    valid = _valid(kind)
+    outcomes = {"loaded": 0, "refused": 0}
+    for _ in range(400):
+        data = bytearray(valid)
+        for _ in range(rng.randint(1, 4)):
+            if not data:
+                break
+            at = rng.randrange(len(data))
+            change = rng.random()
+            if change < 0.6:
+                data[at] = rng.randrange(256)
+            elif change < 0.8:
+                del data[at:]
+            else:
+                data[at:at] = data[at : at + rng.randint(1, 16)]
+        try:
+            loaded = images.load_image(bytes(data))
+        except InputError:
+            outcomes["refused"] += 1
+        else:
+            assert loaded.mode == "RGB"
+            outcomes["loaded"] += 1
+    assert outcomes["refused"] > 0 and sum(outcomes.values()) == 400
