@@ -26,18 +26,30 @@ ACCELERATION_LEVELS = ("none", "go fast", "go really fast")
 MIN_STEPS = 4
 MAX_STEPS = 50
 
-# level -> (steps always computed at each end, pattern over the step index in between)
+# level -> (steps always computed at each end of a REFERENCE_STEPS schedule, pattern over the step
+# index in between)
 _LEVEL_PATTERNS: dict[str, tuple[int, tuple[bool, ...]]] = {
     "go fast": (4, (False, True)),
     "go really fast": (3, (False, True, False)),
 }
+REFERENCE_STEPS = 28
+# at each end, at least two computed steps: the model changes the image most there, and two
+# computed steps give the first finite difference
+MIN_EDGE = 2
+
+
+def edge_steps(level: str, num_steps: int) -> int:
+    """Steps always computed at each end: the level's edge at 28 steps, and below 28 steps that edge
+    scaled down with the schedule (so that a short schedule saves calls too), at least MIN_EDGE."""
+    edge, _ = _LEVEL_PATTERNS[level]
+    return max(MIN_EDGE, min(edge, round(edge * num_steps / REFERENCE_STEPS)))
 
 
 def compute_step_map(level: str, num_steps: int) -> list[bool]:
     """Which steps run the transformer (True) and which are forecast (False).
 
-    The first and last steps are always computed: the model changes the image most
-    there, and the first ones seed the finite differences.
+    The first and last ``edge_steps`` are always computed: the model changes the image most
+    there, and the first ones seed the finite differences; in between, the level's pattern.
     """
     if level not in ACCELERATION_LEVELS:
         raise ValueError(f"acceleration must be one of {', '.join(ACCELERATION_LEVELS)}; got {level!r}")
@@ -45,7 +57,7 @@ def compute_step_map(level: str, num_steps: int) -> list[bool]:
         raise ValueError(f"num_steps must be at least 1; got {num_steps}")
     if level == "none":
         return [True] * num_steps
-    edge, pattern = _LEVEL_PATTERNS[level]
+    edge, pattern = edge_steps(level, num_steps), _LEVEL_PATTERNS[level][1]
     return [i < edge or i >= num_steps - edge or pattern[i % len(pattern)] for i in range(num_steps)]
 
 

@@ -35,9 +35,23 @@ def test_maps_for_every_step_count(level):
     for steps in range(taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS + 1):
         step_map = taylor_utils.compute_step_map(level, steps)
         assert len(step_map) == steps
-        assert step_map[0] and step_map[-1]
-        if level != "none" and steps > 8:
-            assert not all(step_map)
+        assert all(step_map[:2]) and all(step_map[-2:])  # at least two computed steps at each end
+        if level != "none" and steps >= 6:
+            assert not all(step_map)  # every level saves calls from 6 steps (go really fast from 5)
+
+
+def test_edges_scale_down_with_short_schedules_and_stay_at_and_above_28():
+    """At 28 steps the maps of the method (first and last 4 or 3 computed); below, the edges shrink
+    with the schedule, so that 8 steps cost 6 and 5 calls rather than 8 and 7; above, as at 28."""
+    counts = {
+        steps: [taylor_utils.compute_step_count(level, steps) for level in LEVELS[1:]] for steps in (8, 12, 16, 20)
+    }
+    assert counts == {8: [6, 5], 12: [8, 6], 16: [10, 8], 20: [13, 9]}
+    go_fast = taylor_utils.compute_step_map("go fast", 28)
+    assert all(go_fast[:4]) and all(go_fast[-4:]) and go_fast[4:24] == [False, True] * 10
+    for steps in range(29, taylor_utils.MAX_STEPS + 1):
+        assert [taylor_utils.edge_steps(level, steps) for level in LEVELS[1:]] == [4, 3]
+    assert taylor_utils.compute_step_count("go really fast", 5) == 4
 
 
 def test_unknown_level_is_refused():
