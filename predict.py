@@ -11,28 +11,30 @@ import pathlib
 
 from cog import BaseRunner, Input, Path, Secret
 
-import taylor_utils
-from flux import sizes
 from flux.config import Config
 from flux.errors import InputError
 from flux.images import save_image
-from flux.lora_sources import MAX_SOURCE_CHARS, lora_requests
+from flux.lora_sources import lora_requests
 from flux.outputs import new_output_path, output_dir
 from flux.pipeline import Model, load_model, run_edit
-from flux.request import (
-    DEFAULT_ACCELERATION,
-    DEFAULT_GUIDANCE,
-    DEFAULT_MULTI_IMAGE_MODE,
-    DEFAULT_STEPS,
-    MAX_GUIDANCE,
-    MAX_LORA_STRENGTH,
-    MAX_PROMPT_CHARS,
-    MAX_SEED,
-    MIN_GUIDANCE,
-    MIN_LORA_STRENGTH,
-    MULTI_IMAGE_MODES,
-    OUTPUT_FORMATS,
-    EditRequest,
+from flux.request import EditRequest, go_fast_level, one_image, one_meaning
+
+# cog build reads the inputs from this file's text (a static schema generator): every Input()
+# argument is a literal or a name bound to one here. tests/test_api_contract.py checks that what
+# it reads equals what runs, and that the bounds equal flux/request.py's.
+ASPECT_RATIOS = ["match_input_image", "1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
+ACCELERATION_LEVELS = ["none", "go fast", "go really fast"]
+OUTPUT_FORMATS = ["webp", "jpg", "png", "jpeg"]
+MULTI_IMAGE_MODES = ["offset", "stitch", "index"]
+ACCELERATION_HELP = "Speed-up by TaylorSeer forecasting of skipped transformer steps: none computes every step; go fast computes 18 of 28 steps, go really fast 13 (of 8 steps: 6 and 5); from 5 steps up each level skips some"
+GO_FAST_HELP = "Replicate's switch, for its callers: true is go really fast (13 of 28 steps computed), false is none; left out, acceleration decides. Refused when it disagrees with an acceleration you set"
+LORA_HELP = "LoRA to apply: a Hugging Face repo (owner/name or owner/name/file.safetensors), a huggingface.co URL, an http(s) URL of a .safetensors file, a Replicate weights .tar, or a CivitAI URL; empty for none"
+REFERENCES_HELP = "Up to 3 more images to combine with the input image (a person and an outfit, a product and a scene); jpeg, png, gif or webp"
+MULTI_IMAGE_HELP = "How reference images join the input image: offset (placed beside or below it), stitch (joined side by side into one image), index (each in a layer of its own)"
+HF_TOKEN_HELP = "Your Hugging Face token, for a LoRA in a gated or private repo; sent to huggingface.co only"
+CIVITAI_TOKEN_HELP = "Your CivitAI API token, for a CivitAI LoRA that needs one; sent to civitai.com only"
+ONE_IMAGE_HELP = (
+    "Another host's count of output images: this model returns one image per prediction, so only 1 is accepted"
 )
 
 
@@ -56,90 +58,75 @@ class Predictor(BaseRunner):
 
     def run(
         self,
-        prompt: str = Input(
-            description="Text description of what to change in the input image", max_length=MAX_PROMPT_CHARS
-        ),
+        prompt: str = Input(description="Text description of what to change in the input image", max_length=10000),
         input_image: Path = Input(description="Image to edit: jpeg, png, gif or webp"),
         aspect_ratio: str = Input(
             description="Aspect ratio of the output; match_input_image keeps the input's",
-            choices=list(sizes.ASPECT_RATIO_CHOICES),
-            default=sizes.MATCH_INPUT,
+            choices=ASPECT_RATIOS,
+            default="match_input_image",
         ),
-        num_inference_steps: int = Input(
-            description="Number of denoising steps",
-            ge=taylor_utils.MIN_STEPS,
-            le=taylor_utils.MAX_STEPS,
-            default=DEFAULT_STEPS,
+        num_inference_steps: int = Input(description="Number of denoising steps", ge=4, le=50, default=28),
+        guidance: float = Input(description="How closely to follow the prompt", ge=0, le=10, default=2.5),
+        seed: int = Input(
+            description="Random seed, 0 to 4294967295 (0 is a seed); -1, the default, draws a random one",
+            ge=-1,
+            le=4294967295,
+            default=-1,
         ),
-        guidance: float = Input(
-            description="How closely to follow the prompt", ge=MIN_GUIDANCE, le=MAX_GUIDANCE, default=DEFAULT_GUIDANCE
-        ),
-        seed: int | None = Input(
-            description=f"Random seed, 0 to {MAX_SEED}; leave blank for a random one (0 is a seed)",
-            ge=0,
-            le=MAX_SEED,
-            default=None,
-        ),
-        acceleration: str = Input(
-            description="Speed-up by TaylorSeer forecasting of skipped transformer steps",
-            choices=list(taylor_utils.ACCELERATION_LEVELS),
-            default=DEFAULT_ACCELERATION,
-        ),
-        output_format: str = Input(
-            description="Format of the output image", choices=list(OUTPUT_FORMATS), default="webp"
-        ),
+        acceleration: str = Input(description=ACCELERATION_HELP, choices=ACCELERATION_LEVELS, default="go fast"),
+        go_fast: bool | str = Input(description=GO_FAST_HELP, default=""),
+        output_format: str = Input(description="Format of the output image", choices=OUTPUT_FORMATS, default="webp"),
         output_quality: int = Input(
             description="Quality of webp and jpg outputs, 0 to 100; ignored for png", ge=0, le=100, default=80
         ),
         disable_safety_checker: bool = Input(description="Disable the safety checker", default=False),
-        lora_weights: str | None = Input(
-            description="LoRA to apply: a Hugging Face repo (owner/name or owner/name/file.safetensors), a "
-            "huggingface.co URL, an http(s) URL of a .safetensors file, a Replicate weights .tar, or a CivitAI URL",
-            default=None,
-            max_length=MAX_SOURCE_CHARS,
-        ),
+        lora_weights: str = Input(description=LORA_HELP, default="", max_length=2048),
         lora_strength: float = Input(
-            description="How strongly the LoRA applies; 0 turns it off",
-            ge=MIN_LORA_STRENGTH,
-            le=MAX_LORA_STRENGTH,
-            default=1.0,
+            description="How strongly the LoRA applies; 0 turns it off", ge=-1, le=3, default=1.0
         ),
-        extra_lora_weights: str | None = Input(
-            description="A second LoRA, the same sources", default=None, max_length=MAX_SOURCE_CHARS
-        ),
+        extra_lora_weights: str = Input(description="A second LoRA, the same sources", default="", max_length=2048),
         extra_lora_strength: float = Input(
-            description="How strongly the second LoRA applies",
-            ge=MIN_LORA_STRENGTH,
-            le=MAX_LORA_STRENGTH,
-            default=1.0,
+            description="How strongly the second LoRA applies", ge=-1, le=3, default=1.0
         ),
-        reference_images: list[Path] | None = Input(
-            description=f"Up to {sizes.MAX_REFERENCES} more images to combine with the input image (a person and "
-            "an outfit, a product and a scene); jpeg, png, gif or webp",
-            default=None,
+        reference_images: list[Path] = Input(description=REFERENCES_HELP, default=[]),
+        multi_image_mode: str = Input(description=MULTI_IMAGE_HELP, choices=MULTI_IMAGE_MODES, default="offset"),
+        hf_api_token: Secret = Input(description=HF_TOKEN_HELP, default=""),
+        civitai_api_token: Secret = Input(description=CIVITAI_TOKEN_HELP, default=""),
+        num_outputs: int = Input(description=ONE_IMAGE_HELP, ge=1, le=1, default=1, deprecated=True),
+        num_images: int = Input(description=ONE_IMAGE_HELP, ge=1, le=1, default=1, deprecated=True),
+        n: int = Input(description=ONE_IMAGE_HELP, ge=1, le=1, default=1, deprecated=True),
+        guidance_scale: float = Input(
+            description="fal's name for guidance; send guidance", ge=0, le=10, default=2.5, deprecated=True
         ),
-        multi_image_mode: str = Input(
-            description="How reference images join the input image: offset (placed beside or below it), "
-            "stitch (joined side by side into one image), index (each in a layer of its own)",
-            choices=list(MULTI_IMAGE_MODES),
-            default=DEFAULT_MULTI_IMAGE_MODE,
+        steps: int = Input(
+            description="Together's name for num_inference_steps; send num_inference_steps",
+            ge=4,
+            le=50,
+            default=28,
+            deprecated=True,
         ),
-        hf_api_token: Secret | None = Input(
-            description="Your Hugging Face token, for a LoRA in a gated or private repo; sent to huggingface.co only",
-            default=None,
-        ),
-        civitai_api_token: Secret | None = Input(
-            description="Your CivitAI API token, for a CivitAI LoRA that needs one; sent to civitai.com only",
-            default=None,
+        enable_safety_checker: bool = Input(
+            description="fal's name for the opposite of disable_safety_checker; send disable_safety_checker",
+            default=True,
+            deprecated=True,
         ),
     ) -> Path:
+        one_image(num_outputs=num_outputs, num_images=num_images, n=n)
         request = EditRequest(
-            prompt=prompt, image=accepted_file(input_image), aspect_ratio=aspect_ratio, num_steps=num_inference_steps,
-            guidance=guidance, seed=seed, acceleration=acceleration, output_format=output_format,
-            output_quality=output_quality, check_safety=not disable_safety_checker,
+            prompt=prompt, image=accepted_file(input_image), aspect_ratio=aspect_ratio,
+            num_steps=one_meaning("num_inference_steps", num_inference_steps, 28, "steps", steps,
+                                  None if steps == 28 else steps),
+            guidance=one_meaning("guidance", guidance, 2.5, "guidance_scale", guidance_scale,
+                                 None if guidance_scale == 2.5 else guidance_scale),
+            seed=seed,
+            acceleration=one_meaning("acceleration", acceleration, "go fast", "go_fast", go_fast, go_fast_level(go_fast)),
+            output_format=output_format, output_quality=output_quality,
+            check_safety=not one_meaning("disable_safety_checker", disable_safety_checker, False,
+                                         "enable_safety_checker", enable_safety_checker,
+                                         None if enable_safety_checker else True),
             loras=lora_requests((lora_weights, lora_strength, "lora_weights"),
                                 (extra_lora_weights, extra_lora_strength, "extra_lora_weights")),
-            references=tuple(accepted_file(r, f"reference_images[{i}]") for i, r in enumerate(reference_images or [])),
+            references=tuple(accepted_file(r, f"reference_images[{i}]") for i, r in enumerate(reference_images)),
             multi_image_mode=multi_image_mode, hf_api_token=_secret(hf_api_token),
             civitai_api_token=_secret(civitai_api_token),
         )  # fmt: skip
@@ -149,7 +136,7 @@ class Predictor(BaseRunner):
         self.record_metric("seed", report.seed)
         self.record_metric("acceleration", report.acceleration)
         self.record_metric("transformer_calls", report.transformer_calls)
-        for phase, seconds in report.seconds.items():
+        for phase, seconds in report.all_seconds().items():
             self.record_metric(f"seconds.{phase}", round(seconds, 4))
         if report.loras:
             self.record_metric("loras", report.loras)

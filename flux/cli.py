@@ -135,6 +135,8 @@ def _output_format(path: Path) -> str:
     folder = path.parent.resolve()
     while not folder.exists():
         folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"--out {path}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK):
         raise InputError(f"--out {path}: {folder} is not writable")
     return EXTENSIONS[path.suffix.lower()]

@@ -3,11 +3,19 @@
 `cog build` writes `.cog/openapi_schema.json`; the Cog HTTP server validates requests
 against it. Without Docker the project generates the same document here, so the local
 server validates exactly like the deployed one.
+
+cog build reads predict.py as text (a static generator, tree-sitter): only literals, and names bound
+to literals at the module's top level, reach the schema. ``static_input_problems`` applies its rules
+to predict.py and compares what they read with what runs.
 """
 
 from __future__ import annotations
 
+import ast
+import io
 import json
+import re
+import tokenize
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +26,6 @@ SNAPSHOT_PATH = PROJECT_ROOT / "tests" / "api_contract" / "openapi_schema.json"
 
 _VALIDATION_ERROR = {"$ref": "#/components/schemas/HTTPValidationError"}
 _ANY = {"application/json": {"schema": {}}}
-
-
-def _max_items() -> dict[str, int]:
-    from flux import sizes
-
-    return {"reference_images": sizes.MAX_REFERENCES}
-
-
-# cog's Input() takes max_length for strings only, so a list input's bound is declared here
-MAX_ITEMS = _max_items()
 
 
 def _title(name: str) -> str:
@@ -61,7 +59,9 @@ def input_schema(info: Any) -> tuple[dict, dict]:
             prop.update(field.type.json_type())
         nullable = field.type.repetition in (Repetition.OPTIONAL, Repetition.OPTIONAL_REPEATED)
         # a None default on a non-nullable input is no default: the input is required
-        if field.default is not None:
+        if isinstance(field.default, list):
+            prop["default"] = [primitive.json_encode(item) for item in field.default]
+        elif field.default is not None:
             prop["default"] = primitive.json_encode(field.default) if primitive is not PrimitiveType.PATH else None
         elif not nullable:
             required.append(name)
@@ -74,8 +74,6 @@ def input_schema(info: Any) -> tuple[dict, dict]:
             prop["minimum"] = _number(field.ge, integer)
         if field.le is not None:
             prop["maximum"] = _number(field.le, integer)
-        if name in MAX_ITEMS:
-            prop["maxItems"] = MAX_ITEMS[name]
         if field.min_length is not None:
             prop["minLength"] = field.min_length
         if field.max_length is not None:
@@ -259,4 +257,95 @@ def contract_violations(snapshot: dict, current: dict) -> list[str]:
             problems.append(f"input {name!r} has no description")
     if old_schemas["Output"] != new_schemas["Output"]:
         problems.append(f"output changed: {old_schemas['Output']} -> {new_schemas['Output']}")
+    return problems
+
+
+# --- what cog build's static generator reads from predict.py --------------------------------------
+# Its rules, as cog's source states them (pkg/schema/python: inputs.go, literals.go, module_scope.go):
+# default: a literal or a top-level name bound to one (anything else becomes no default); description:
+# a string literal or such a name (else dropped); ge, le, min_length, max_length: a number literal as
+# written (else dropped); choices: a list literal or a name bound to a list (else the build fails);
+# deprecated: True or False. A string literal is read between its quotes as written: no escapes,
+# no implicit concatenation, no f-strings.
+
+UNREAD = object()
+_NUMBER = re.compile(r"-?\d+(\.\d*)?([eE][-+]?\d+)?")
+
+
+def _string(segment: str) -> object:
+    tokens = [t for t in tokenize.generate_tokens(io.StringIO(segment).readline) if t.type == tokenize.STRING]
+    if len(tokens) != 1 or tokens[0].string != segment.strip():
+        return UNREAD
+    text = segment.strip()
+    if text.startswith(('"""', "'''")):
+        return text[3:-3]
+    if text.startswith(('r"', "r'")):
+        return text[2:-1]
+    return text[1:-1] if text.startswith(('"', "'")) else UNREAD
+
+
+def _literal(node: ast.AST, source: str) -> object:
+    segment = ast.get_source_segment(source, node) or ""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return _string(segment)
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, bool)):
+        return node.value
+    if isinstance(node, ast.Constant | ast.UnaryOp) and _NUMBER.fullmatch(segment.replace(" ", "")):
+        number = float(segment.replace(" ", ""))
+        return int(number) if number.is_integer() and "." not in segment and "e" not in segment.lower() else number
+    if isinstance(node, ast.List | ast.Tuple):
+        items = [_literal(item, source) for item in node.elts]
+        return UNREAD if UNREAD in items else items
+    return UNREAD
+
+
+def static_inputs(source: str, handler: str = "run") -> dict[str, dict[str, object]]:
+    """What cog build reads from each ``Input()`` of ``handler``: {input: {keyword: value or UNREAD}}."""
+    tree = ast.parse(source)
+    scope = {
+        node.targets[0].id: _literal(node.value, source)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+    }
+    function = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == handler)
+    arguments = function.args.args[-len(function.args.defaults) :]
+    found = {}
+    for argument, default in zip(arguments, function.args.defaults, strict=True):
+        if not (isinstance(default, ast.Call) and getattr(default.func, "id", None) == "Input"):
+            continue
+        read = {}
+        for keyword in default.keywords:
+            value = _literal(keyword.value, source)
+            named = isinstance(keyword.value, ast.Name)
+            if keyword.arg in ("default", "description", "choices") and named:
+                value = scope.get(keyword.value.id, UNREAD)
+            if keyword.arg == "description" and not isinstance(value, str):
+                value = UNREAD
+            if keyword.arg in ("ge", "le", "min_length", "max_length") and (named or isinstance(value, list | str)):
+                value = UNREAD
+            if keyword.arg == "choices" and not isinstance(value, list):
+                value = UNREAD
+            read[keyword.arg] = value
+        found[argument.arg] = read
+    return found
+
+
+def static_input_problems(path: Path = PROJECT_ROOT / "predict.py", module: str = "predict",
+                          predictor: str = "Predictor") -> list[str]:  # fmt: skip
+    """Every Input() keyword cog build would not read, or would read other than the running code has it."""
+    from cog import Secret
+    from cog._inspector import create_predictor
+
+    info = create_predictor(module, predictor)
+    problems = []
+    for name, read in static_inputs(path.read_text()).items():
+        field = info.inputs[name]
+        for keyword, value in read.items():
+            running = getattr(field, keyword)
+            if isinstance(running, Secret):
+                running = running.get_secret_value()
+            if value is UNREAD:
+                problems.append(f"{name}: cog build cannot read its {keyword}")
+            elif value != running and not (keyword == "choices" and value == list(running or [])):
+                problems.append(f"{name}: cog build reads {keyword}={value!r}, the code has {running!r}")
     return problems

@@ -104,8 +104,12 @@ class EditReport:
     def forecast_seconds(self) -> float:
         return self.timers.get("forecast", 0.0)
 
+    def all_seconds(self) -> dict[str, float]:
+        """Seconds per phase, and within denoise those in the transformer and in forecasts."""
+        return {**self.seconds, "transformer": self.transformer_seconds, "forecast": self.forecast_seconds}
+
     def summary(self) -> str:
-        phases = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
+        phases = ", ".join(f"{k} {v:.2f}s" for k, v in self.all_seconds().items())
         return (
             f"seed {self.seed}, acceleration {self.acceleration!r}: {self.transformer_calls} transformer calls, "
             f"{len(self.forecast_steps)} forecast steps of {self.num_steps}; {phases}"

@@ -24,7 +24,7 @@ ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP")
 MAX_INPUT_PIXELS = 64_000_000
 # Transparent pixels are composited on this background.
 BACKGROUND = (255, 255, 255)
-OUTPUT_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "jpeg": "JPEG", "png": "PNG"}
+OUTPUT_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG", "jpeg": "JPEG"}
 
 
 def load_image(source: str | os.PathLike | bytes, name: str = "input_image", reduce: bool = True) -> Image.Image:

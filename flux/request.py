@@ -8,6 +8,7 @@ cog's schema generator reads only literals there; tests/test_predict.py holds th
 
 from __future__ import annotations
 
+import json
 import pathlib
 import unicodedata
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ DEFAULT_MULTI_IMAGE_MODE = "offset"
 # The noise generator (torch's CPU Mersenne Twister) keeps only the low 32 bits of a seed, so
 # 0..2**32-1 is the whole range of distinct seeds; anything outside it would alias one inside.
 MAX_SEED = 2**32 - 1
+RANDOM_SEED = -1  # what a caller sends (or leaves) for a random seed; None means the same
 # T5 reads at most 512 tokens; a prompt this long is far past that already
 MAX_PROMPT_CHARS = 10_000
 OUTPUT_FORMATS = tuple(images.OUTPUT_FORMATS)
@@ -50,8 +52,8 @@ def clean_prompt(prompt: str) -> str:
 @dataclass(frozen=True)
 class EditRequest:
     """One edit as a caller asked for it. Made only through its checks: an InputError naming the
-    input says what is wrong. ``prompt`` is kept clean (``clean_prompt``); a ``seed`` of None is
-    drawn at random when the edit runs (0 is a seed)."""
+    input says what is wrong. ``prompt`` is kept clean (``clean_prompt``); a ``seed`` of None (or
+    -1) is drawn at random when the edit runs (0 is a seed)."""
 
     prompt: str
     image: ImageSource = field(repr=False)
@@ -81,9 +83,11 @@ class EditRequest:
         _one_of("aspect_ratio", self.aspect_ratio, sizes.ASPECT_RATIO_CHOICES)
         _within("num_inference_steps", self.num_steps, MIN_STEPS, MAX_STEPS)
         _within("guidance", self.guidance, MIN_GUIDANCE, MAX_GUIDANCE)
+        if self.seed == RANDOM_SEED:
+            object.__setattr__(self, "seed", None)
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise InputError(f"seed must be between 0 and {MAX_SEED}, or left blank for a random one; got {self.seed}",
-                             "seed")  # fmt: skip
+            raise InputError(f"seed must be between 0 and {MAX_SEED}, or {RANDOM_SEED} (or left out) for a random one; "
+                             f"got {self.seed}", "seed")  # fmt: skip
         _one_of("acceleration", self.acceleration, ACCELERATION_LEVELS)
         _one_of("output_format", self.output_format, OUTPUT_FORMATS)
         _within("output_quality", self.output_quality, 0, 100)
@@ -109,3 +113,46 @@ def _within(name: str, value: float, low: float, high: float) -> None:
 def _not_longer(name: str, text: str, limit: int) -> None:
     if len(text) > limit:
         raise InputError(f"{name} is longer than {limit} characters; got {len(text)}", name)
+
+
+# --- other hosts' names for the same inputs ----------------------------------------------------
+
+# Replicate's hosted FLUX.1 Kontext [dev] takes go_fast: true is its 13-call map at 28 steps (this
+# container's "go really fast"), false computes every step
+GO_FAST_LEVELS = {True: "go really fast", False: "none"}
+
+
+def go_fast_level(go_fast: bool | str) -> str | None:
+    """The acceleration Replicate's ``go_fast`` asks for; None where it was not given (an empty string)."""
+    if go_fast == "":
+        return None
+    if not isinstance(go_fast, bool):
+        raise InputError(f"go_fast must be true or false (or left out); got {go_fast!r}", "go_fast")
+    return GO_FAST_LEVELS[go_fast]
+
+
+def one_meaning(name: str, value: object, default: object, alias: str, sent: object, meant: object) -> object:
+    """What a caller meant by an input this container names ``name`` and another host names
+    ``alias``: ``sent`` is what came under the alias, ``meant`` the same in this container's terms
+    (None where the alias was left at its default). The alias's meaning where only it was set,
+    ``value`` otherwise; both set to different values is refused."""
+    if meant is None or meant == value:
+        return value
+    if value != default:
+        raise InputError(
+            f"{alias}={json.dumps(sent)} asks for {name}={json.dumps(meant)}, but {name} is {json.dumps(value)}; "
+            "send one of them",
+            alias,
+        )
+    return meant
+
+
+def one_image(**counts: int) -> None:
+    """Other hosts' counts of outputs (num_outputs, num_images, n): this container returns one image."""
+    for name, count in counts.items():
+        if count != 1:
+            raise InputError(
+                f"{name}={count}: this container returns one image per prediction; send {count} predictions "
+                "(with different seeds) instead",
+                name,
+            )

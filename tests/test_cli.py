@@ -105,3 +105,59 @@ def test_lora_on_the_command_line(tiny_weights, tmp_path, monkeypatch):
             outputs[name] = out.read_bytes()
     assert outputs["base"] != outputs["lora"]
     assert "lora_weights http://127.0.0.1" in result.stderr and "strength 0.8" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"--image": "missing.png"}, "error: --image {tmp}/missing.png: No such file or directory"),
+        ({"--steps": "3"}, "error: --steps must be between 4 and 50; got 3"),
+        ({"--guidance": "20"}, "error: --guidance must be between 0 and 10; got 20"),
+        ({"--prompt": " \x07 "}, "error: --prompt is empty"),
+        ({"--quality": "150"}, "error: --quality must be between 0 and 100; got 150"),
+        ({"--out": "out.tif"}, "error: --out {tmp}/out.tif: the extension picks the format: .png, .jpg, .jpeg or .webp; got .tif"),
+        ({"--out": "in.png/sub/out.png"}, "error: --out {tmp}/in.png/sub/out.png: {tmp}/in.png is a file, not a folder"),
+    ],
+)  # fmt: skip
+def test_the_command_line_checks_everything_before_it_loads_anything(tmp_path, change, message):
+    """Weights that could never load (an empty folder): each mistake is reported, naming its flag,
+    before the loading that would have failed, and no output is written."""
+    (tmp_path / "in.png").write_bytes(image_bytes(random_image(32, 32)))
+    (tmp_path / "no-weights").mkdir()
+    flags = {"--image": "in.png", "--prompt": "make it red", "--out": "out.png", **change}
+    args = [
+        part
+        for flag, value in flags.items()
+        for part in (flag, str(tmp_path / value) if flag in ("--image", "--out") else value)
+    ]
+    result = run_cli("edit", "--weights", str(tmp_path / "no-weights"), *args)
+    assert result.returncode == 2, result.stderr
+    assert message.format(tmp=tmp_path) in result.stderr, result.stderr
+    assert "incomplete" not in result.stderr and "Traceback" not in result.stderr  # the weights were never reached
+    assert not list(tmp_path.rglob("out.*"))
+
+
+def test_an_incomplete_weights_folder_is_listed_not_replaced_by_the_proxy(tiny_weights, tmp_path):
+    """A download cut short: the command line names what is missing and how to fetch it, and offers
+    the proxy (--proxy) rather than running it unasked."""
+    import shutil
+
+    partial = tmp_path / "weights"
+    shutil.copytree(tiny_weights, partial)
+    (partial / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    (tmp_path / "in.png").write_bytes(image_bytes(random_image(32, 32)))
+    command = ["edit", "--image", str(tmp_path / "in.png"), "--prompt", "x", "--out", str(tmp_path / "o.png")]
+    env = {k: v for k, v in os.environ.items() if k not in ("WEIGHTS_BASE_URL", "HF_TOKEN")}
+    result = run_cli(*command, env={**env, "WEIGHTS_DIR": str(partial)})
+    assert result.returncode == 2
+    assert (
+        f"error: the weights in {partial} are incomplete:\n  missing: vae/diffusion_pytorch_model.safetensors"
+        in result.stderr
+    )
+    assert "python -m flux download --out" in result.stderr and "add --proxy" in result.stderr
+    assert "PROXY" not in result.stderr and not (tmp_path / "o.png").exists()
+    result = run_cli(*command, "--proxy", "--steps", "4", env={**env, "WEIGHTS_DIR": str(partial)})
+    assert result.returncode == 0, result.stderr
+    assert "running the small PROXY model" in result.stderr and "make the circle red" in result.stderr
+    with Image.open(tmp_path / "o.png") as image:
+        assert image.format == "PNG"

@@ -398,7 +398,7 @@ def test_a_predictor_with_the_side_branch_serves_loras(tiny_weights, tmp_path, m
     assert predictor.model.runtime.loras.branch_rank == 8
     outputs = []
     with serve_tree(tmp_path / "site") as (url, _):
-        for source in (None, f"{url}/peft.safetensors", None):
+        for source in ("", f"{url}/peft.safetensors", ""):
             inputs = {**DEFAULTS, "lora_weights": source}
             image = CogPath(tmp_path / "in.png")
             outputs.append(Path(predictor.predict(prompt="x", input_image=image, **inputs)).read_bytes())

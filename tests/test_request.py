@@ -50,3 +50,29 @@ def test_the_edges_of_every_bound_are_accepted():
 
 def test_tokens_never_appear_in_the_request_repr():
     assert "hf_SECRET" not in repr(EditRequest("x", IMAGE, hf_api_token="hf_SECRET", civitai_api_token="civ"))
+
+
+def test_replicates_go_fast_and_other_hosts_names():
+    from flux.request import go_fast_level, one_image, one_meaning
+
+    assert (go_fast_level(True), go_fast_level(False), go_fast_level("")) == ("go really fast", "none", None)
+    with pytest.raises(InputError, match="go_fast must be true or false"):
+        go_fast_level("yes")
+    level = one_meaning("acceleration", "go fast", "go fast", "go_fast", False, "none")
+    assert level == "none"  # acceleration left at its default: go_fast decides
+    assert one_meaning("acceleration", "none", "go fast", "go_fast", False, "none") == "none"  # both agree
+    assert one_meaning("acceleration", "go really fast", "go fast", "go_fast", "", None) == "go really fast"
+    with pytest.raises(InputError) as info:
+        one_meaning("acceleration", "go really fast", "go fast", "go_fast", False, "none")
+    assert (
+        str(info.value)
+        == ('go_fast=false asks for acceleration="none", but acceleration is "go really fast"; send one of them')
+        and info.value.field == "go_fast"
+    )
+    one_image(num_outputs=1, n=1)
+    with pytest.raises(InputError, match="num_images=4: this container returns one image per prediction"):
+        one_image(num_outputs=1, num_images=4)
+
+
+def test_minus_one_is_a_random_seed():
+    assert EditRequest("x", IMAGE, seed=-1).seed is None and EditRequest("x", IMAGE).seed is None

@@ -84,7 +84,7 @@ def test_bad_loras_fail_clearly_and_the_server_keeps_serving(server, site, name,
     url, _ = site
     body = _edit(server, lora_weights=f"{url}/{name}")
     assert body["status"] == "failed" and message in body["error"] and "Traceback" not in body["error"]
-    assert body["error"].split("InputError: ", 1)[1].startswith("lora_weights")
+    assert body["error"].split("Invalid input: ", 1)[1].startswith("lora_weights")
     assert _edit(server)["status"] == "succeeded"
 
 
