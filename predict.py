@@ -20,8 +20,10 @@ from flux.pipeline import Model, load_model, run_edit
 from flux.request import EditRequest, go_fast_level, one_image, one_meaning
 
 # cog build reads the inputs from this file's text (a static schema generator): every Input()
-# argument is a literal or a name bound to one here. tests/test_api_contract.py checks that what
-# it reads equals what runs, and that the bounds equal flux/request.py's.
+# argument is a literal or a name bound to one here, a string on one line without parentheses.
+# tests/test_api_contract.py checks that what it reads equals what runs, and that the bounds equal
+# flux/request.py's.
+# fmt: off
 ASPECT_RATIOS = ["match_input_image", "1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
 ACCELERATION_LEVELS = ["none", "go fast", "go really fast"]
 OUTPUT_FORMATS = ["webp", "jpg", "png", "jpeg"]
@@ -33,9 +35,9 @@ REFERENCES_HELP = "Up to 3 more images to combine with the input image (a person
 MULTI_IMAGE_HELP = "How reference images join the input image: offset (placed beside or below it), stitch (joined side by side into one image), index (each in a layer of its own)"
 HF_TOKEN_HELP = "Your Hugging Face token, for a LoRA in a gated or private repo; sent to huggingface.co only"
 CIVITAI_TOKEN_HELP = "Your CivitAI API token, for a CivitAI LoRA that needs one; sent to civitai.com only"
-ONE_IMAGE_HELP = (
-    "Another host's count of output images: this model returns one image per prediction, so only 1 is accepted"
-)
+KEEP_UNEDITED_HELP = "Return the input photo at its own size with only the region the edit changed replaced (found from the edit, feathered at its border); everywhere else its pixels as they were. Needs aspect_ratio match_input_image"
+ONE_IMAGE_HELP = "Another host's count of output images: this model returns one image per prediction, so only 1 is accepted"
+# fmt: on
 
 
 class Predictor(BaseRunner):
@@ -80,6 +82,7 @@ class Predictor(BaseRunner):
             description="Quality of webp and jpg outputs, 0 to 100; ignored for png", ge=0, le=100, default=80
         ),
         disable_safety_checker: bool = Input(description="Disable the safety checker", default=False),
+        keep_unedited: bool = Input(description=KEEP_UNEDITED_HELP, default=False),
         lora_weights: str = Input(description=LORA_HELP, default="", max_length=2048),
         lora_strength: float = Input(
             description="How strongly the LoRA applies; 0 turns it off", ge=-1, le=3, default=1.0
@@ -128,7 +131,7 @@ class Predictor(BaseRunner):
                                 (extra_lora_weights, extra_lora_strength, "extra_lora_weights")),
             references=tuple(accepted_file(r, f"reference_images[{i}]") for i, r in enumerate(reference_images)),
             multi_image_mode=multi_image_mode, hf_api_token=_secret(hf_api_token),
-            civitai_api_token=_secret(civitai_api_token),
+            civitai_api_token=_secret(civitai_api_token), keep_unedited=keep_unedited,
         )  # fmt: skip
         result = run_edit(self.model, request)
         report = result.report
@@ -140,6 +143,8 @@ class Predictor(BaseRunner):
             self.record_metric(f"seconds.{phase}", round(seconds, 4))
         if report.loras:
             self.record_metric("loras", report.loras)
+        if report.keep_unedited:
+            self.record_metric("keep_unedited", report.keep_unedited)
         path = new_output_path(request.output_format, self.outputs)
         return Path(save_image(result.image, path, request.output_format, request.output_quality))
 

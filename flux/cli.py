@@ -45,7 +45,7 @@ FLAGS = {
     "guidance": "--guidance", "seed": "--seed", "acceleration": "--acceleration", "output_format": "--out",
     "output_quality": "--quality", "lora_weights": "--lora", "lora_strength": "--lora-strength",
     "extra_lora_weights": "--extra-lora", "extra_lora_strength": "--extra-lora-strength",
-    "reference_images": "--reference", "multi_image_mode": "--multi-image-mode",
+    "reference_images": "--reference", "multi_image_mode": "--multi-image-mode", "keep_unedited": "--keep-unedited",
 }  # fmt: skip
 EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
 PROXY_BANNER = (
@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--acceleration", default=DEFAULT_ACCELERATION, choices=ACCELERATION_LEVELS)
     e.add_argument("--quality", type=int, default=DEFAULT_OUTPUT_QUALITY, help="webp/jpg quality, 0 to 100")
     e.add_argument("--no-safety-checker", action="store_true", help="do not check the edited image")
+    e.add_argument("--keep-unedited", action="store_true",
+                   help="the input at its own size with only what the edit changed replaced")  # fmt: skip
     e.add_argument(
         "--lora", help="LoRA: owner/name[/file.safetensors], or an http(s) URL (.safetensors, .tar, CivitAI)"
     )
@@ -153,7 +155,7 @@ def request_from(args: argparse.Namespace) -> EditRequest:
             loras=lora_requests((args.lora, args.lora_strength, "lora_weights"),
                                 (args.extra_lora, args.extra_lora_strength, "extra_lora_weights")),
             references=tuple(_read(path, "--reference") for path in args.reference),
-            multi_image_mode=args.multi_image_mode,
+            multi_image_mode=args.multi_image_mode, keep_unedited=args.keep_unedited,
         )  # fmt: skip
     except InputError as exc:
         raise _named_by_flag(exc) from None

@@ -284,8 +284,10 @@ def _string(segment: str) -> object:
     return text[1:-1] if text.startswith(('"', "'")) else UNREAD
 
 
-def _literal(node: ast.AST, source: str) -> object:
-    segment = ast.get_source_segment(source, node) or ""
+def _literal(node: ast.AST, source: str, segment: str | None = None) -> object:
+    """What cog reads from ``node``; ``segment``: the text it reads, where it is more than the node's
+    own (parentheses around a value hide it from cog, not from Python)."""
+    segment = segment if segment is not None else ast.get_source_segment(source, node) or ""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return _string(segment)
     if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, bool)):
@@ -299,11 +301,16 @@ def _literal(node: ast.AST, source: str) -> object:
     return UNREAD
 
 
+def _after_equals(source: str, node: ast.AST) -> str:
+    """The text of an assignment's or a keyword argument's value, as written (parentheses included)."""
+    return (ast.get_source_segment(source, node) or "").split("=", 1)[1].strip()
+
+
 def static_inputs(source: str, handler: str = "run") -> dict[str, dict[str, object]]:
     """What cog build reads from each ``Input()`` of ``handler``: {input: {keyword: value or UNREAD}}."""
     tree = ast.parse(source)
     scope = {
-        node.targets[0].id: _literal(node.value, source)
+        node.targets[0].id: _literal(node.value, source, _after_equals(source, node))
         for node in tree.body
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
     }
@@ -315,7 +322,7 @@ def static_inputs(source: str, handler: str = "run") -> dict[str, dict[str, obje
             continue
         read = {}
         for keyword in default.keywords:
-            value = _literal(keyword.value, source)
+            value = _literal(keyword.value, source, _after_equals(source, keyword))
             named = isinstance(keyword.value, ast.Name)
             if keyword.arg in ("default", "description", "choices") and named:
                 value = scope.get(keyword.value.id, UNREAD)

@@ -95,6 +95,7 @@ class EditReport:
     timers: dict[str, float] = field(default_factory=dict)  # seconds in the transformer and in forecasts
     cache_bytes: int = 0
     loras: list[dict] = field(default_factory=list)  # the LoRAs merged for this edit (set by the pipeline)
+    keep_unedited: dict | None = None  # what keep_unedited did (set by the pipeline)
 
     @property
     def transformer_seconds(self) -> float:

@@ -9,9 +9,11 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+import torch
 from PIL import Image
 
 from flux import images, parallel, sizes, weights
+from flux.composite import keep_unedited
 from flux.config import Config
 from flux.device import dtype_for, freeze_loaded_objects, pick_device, release_memory
 from flux.edit import EditPlan, EditResult, StepCallback, base_side, edit
@@ -20,7 +22,7 @@ from flux.fast import warm_up_sizes
 from flux.fetch import FetchReport, WeightsRemote, fetch
 from flux.loading import Components, load_components
 from flux.lora_sources import LoraStore, describe
-from flux.request import MAX_SEED, EditRequest
+from flux.request import MAX_SEED, EditRequest, check_frame_for_keep_unedited
 from flux.runtime import LoraFile, TransformerRuntime, start_local
 from flux.safety import SafetyChecker, is_flagged, load_safety_checker
 
@@ -65,7 +67,7 @@ def fetch_missing_weights(config: Config) -> FetchReport | None:
     return report
 
 
-def start_runtime(config: Config, device, dtype) -> TransformerRuntime:  # noqa: ANN001
+def start_runtime(config: Config, device: torch.device, dtype: torch.dtype) -> TransformerRuntime:
     """The transformer ready on one device, or across FLUX_CONTEXT_PARALLEL of them."""
     if config.context_parallel > 1:
         return parallel.start(config, device, dtype)
@@ -148,9 +150,12 @@ def use_loras(model: Model, request: EditRequest) -> tuple[list[dict], dict[str,
 
 def run_edit(model: Model, request: EditRequest, on_step: StepCallback | None = None) -> EditResult:
     """One edit. The request was checked when it was made; here the images are decoded (before any
-    LoRA is fetched), and the device's cached memory is released after the edit, whatever happened."""
+    LoRA is fetched), and the device's cached memory is released after the edit, whatever happened.
+    With ``keep_unedited`` the input is decoded at full size and the edit put back into it."""
     try:
-        image = images.load_image(request.image)
+        image = images.load_image(request.image, reduce=not request.keep_unedited)
+        if request.keep_unedited:
+            check_frame_for_keep_unedited(*image.size)
         references = [images.load_image(r, f"reference_images[{i}]") for i, r in enumerate(request.references)]
         plan = plan_edit(model, request, image, references)
         lora_report, lora_seconds = use_loras(model, request)
@@ -163,11 +168,20 @@ def run_edit(model: Model, request: EditRequest, on_step: StepCallback | None = 
         )  # fmt: skip
         result.report.loras = lora_report
         result.report.seconds.update(lora_seconds)
+        if request.keep_unedited:
+            _keep_unedited(image, result)
         if request.check_safety and model.safety is not None:
             _refuse_if_flagged(model.safety, result)
         return result
     finally:
         release_memory(model.components.device)
+
+
+def _keep_unedited(original: Image.Image, result: EditResult) -> None:
+    start = time.perf_counter()
+    result.image, kept = keep_unedited(original, result.image)
+    result.report.seconds["keep_unedited"] = time.perf_counter() - start
+    result.report.keep_unedited = {"changed_share": round(kept.changed_share, 4), "whole_edit": kept.whole}
 
 
 def _refuse_if_flagged(safety: SafetyChecker, result: EditResult) -> None:

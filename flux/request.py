@@ -71,6 +71,8 @@ class EditRequest:
     # the caller's own tokens for LoRA downloads, each sent to its service only
     hf_api_token: str | None = field(default=None, repr=False)
     civitai_api_token: str | None = field(default=None, repr=False)
+    # the original at its own size with only what the edit changed replaced (flux.composite)
+    keep_unedited: bool = False
 
     def __post_init__(self) -> None:
         _not_longer("prompt", self.prompt, MAX_PROMPT_CHARS)
@@ -98,6 +100,35 @@ class EditRequest:
         for lora in self.loras:
             _not_longer(lora.field, lora.source, MAX_SOURCE_CHARS)
             _within(lora.field.replace("weights", "strength"), lora.strength, MIN_LORA_STRENGTH, MAX_LORA_STRENGTH)
+        if self.keep_unedited:
+            _frames_correspond(self)
+
+
+def _frames_correspond(request: EditRequest) -> None:
+    """keep_unedited puts the edit back into the original's frame: only where the output is that
+    frame (match_input_image), and not where the conditioning joins several images into one."""
+    if request.aspect_ratio != sizes.MATCH_INPUT:
+        raise InputError(
+            f"keep_unedited needs aspect_ratio match_input_image: with {request.aspect_ratio} the output is another "
+            "frame than the photo's, so no part of it lies over the original",
+            "keep_unedited",
+        )
+    if request.references and request.multi_image_mode == "stitch":
+        raise InputError(
+            "keep_unedited cannot be used with reference_images in stitch mode: the model sees the images joined "
+            "side by side, so its output does not lie over the input image's frame; use offset or index",
+            "keep_unedited",
+        )
+
+
+def check_frame_for_keep_unedited(width: int, height: int) -> None:
+    """An input more extreme than 21:9 or 9:21 is edited at that clamped ratio: its output is not its frame."""
+    if not sizes.MIN_RATIO <= width / height <= sizes.MAX_RATIO:
+        raise InputError(
+            f"keep_unedited cannot be used with this {width}x{height} input: it is wider or taller than 21:9, so it "
+            "is edited at 21:9 (or 9:21), another frame than the photo's",
+            "keep_unedited",
+        )
 
 
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -60,17 +60,22 @@ def test_what_cog_build_cannot_read_is_caught():
     source = """
 from flux.request import DEFAULT_STEPS
 HELP = "a help text"
+WRAPPED = (
+    "a help text in parentheses"
+)
 class Predictor:
     def run(self, a: int = Input(description=f"from {DEFAULT_STEPS}", default=DEFAULT_STEPS, ge=4, le=10_000),
             b: str = Input(description="one" " two", choices=list(LEVELS), default="x"),
             c: str = Input(description=HELP, choices=["x", "y"], default="y", max_length=2**11),
-            d: float = Input(description="esc\\aped", ge=-1, le=3.5, default=1.0)): ...
+            d: float = Input(description="esc\\aped", ge=-1, le=3.5, default=1.0),
+            e: int = Input(description=WRAPPED, default=(3))): ...
 """
     read = static_inputs(source)
     assert read["a"] == {"description": UNREAD, "default": UNREAD, "ge": 4, "le": UNREAD}
     assert read["b"] == {"description": UNREAD, "choices": UNREAD, "default": "x"}
     assert read["c"] == {"description": "a help text", "choices": ["x", "y"], "default": "y", "max_length": UNREAD}
     assert read["d"] == {"description": "esc\\aped", "ge": -1, "le": 3.5, "default": 1.0}
+    assert read["e"] == {"description": UNREAD, "default": UNREAD}
 
 
 def test_the_declared_bounds_are_the_requests():

@@ -161,3 +161,17 @@ def test_an_incomplete_weights_folder_is_listed_not_replaced_by_the_proxy(tiny_w
     assert "running the small PROXY model" in result.stderr and "make the circle red" in result.stderr
     with Image.open(tmp_path / "o.png") as image:
         assert image.format == "PNG"
+
+
+def test_keep_unedited_on_the_command_line(tmp_path):
+    source = tmp_path / "in.png"
+    source.write_bytes(image_bytes(random_image(200, 150)))
+    out = tmp_path / "out.png"
+    base = ["edit", "--proxy", "--image", str(source), "--prompt", "make the circle red", "--out", str(out)]
+    result = run_cli(*base, "--keep-unedited", "--aspect-ratio", "16:9")
+    assert result.returncode == 2 and "error: --keep-unedited needs aspect_ratio match_input_image" in result.stderr
+    result = run_cli(*base, "--keep-unedited", "--steps", "4", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and "(200x150)" in result.stdout
+    with Image.open(out) as image:
+        assert image.size == (200, 150)

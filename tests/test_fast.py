@@ -124,6 +124,12 @@ def test_gpu_check_rehearses_on_the_cpu(tmp_path):
     assert "error" not in fp8["lora"], fp8["lora"]
     assert fp8["lora"]["swap_seconds"] > 0 and fp8["lora"]["edit_with_two_loras_seconds"] > 0
     assert set(report["modes"]["compiled"]["references"]) == {"1_references_seconds", "3_references_seconds"}
+    short = report["modes"]["compiled"]["short_schedule"]
+    assert {lv: f["transformer_calls"] for lv, f in short["levels"].items()} == {
+        "none": 8,
+        "go fast": 6,
+        "go really fast": 5,
+    }
     release = report["modes"]["compiled"]["release"]
     assert release["after_release_seconds"] > 0 and release["after_edit_seconds"] > 0
     lora = report["modes"]["compiled"]["lora"]

@@ -16,7 +16,8 @@ from tests.conftest import image_bytes, random_image
 
 DEFAULTS = dict(
     aspect_ratio="match_input_image", num_inference_steps=4, guidance=2.5, seed=1, acceleration="go fast",
-    go_fast="", output_format="png", output_quality=80, disable_safety_checker=False, lora_weights="",
+    go_fast="", output_format="png", output_quality=80, disable_safety_checker=False, keep_unedited=False,
+    lora_weights="",
     lora_strength=1.0, extra_lora_weights="", extra_lora_strength=1.0, reference_images=[], multi_image_mode="offset",
     hf_api_token="", civitai_api_token="", num_outputs=1, num_images=1, n=1, guidance_scale=2.5, steps=28,
     enable_safety_checker=True,

@@ -49,7 +49,7 @@ MODE_IF_UNDER_S = 330  # a mode starts only while this many seconds have not pas
 UNSEEN_RATIOS = ("3:2", "9:16")  # sizes no warm-up edits: their first edit shows any compile stall
 
 
-def _edit(c, image, size: tuple[int, int], level: str, steps: int = STEPS, runtime=None) -> dict:  # noqa: ANN001
+def _edit(c, image, size: tuple[int, int], level: str, steps: int = STEPS, runtime=None) -> dict:
     """One timed edit (the benchmark's measurement) of ``image`` to ``size`` (width, height), through
     ``runtime`` where given (several ranks), else the components' transformer."""
     run = run_project(c, image, (*size, *image.size), level, steps, seed=0, transformer=runtime)
@@ -81,6 +81,17 @@ def _release_case(c, image, size: int, say) -> dict:
         f"release: next edit {figures['after_release_seconds']:.3f}s after it, {figures['after_edit_seconds']:.3f}s without"
     )
     return figures
+
+
+def _short_schedule(c, image, size: int, say, steps: int = 8) -> dict:
+    """Every level at a short schedule (the edges scale down with it): calls and seconds per edit."""
+    figures = {}
+    for level in taylor_utils.ACCELERATION_LEVELS:
+        run = _edit(c, image, (size, size), level, steps=steps)
+        figures[level] = {"transformer_calls": run["transformer_calls"], "seconds_per_edit": run["seconds_per_edit"]}
+    say(f"compiled / {steps} steps: " + ", ".join(f"{lv} {f['transformer_calls']} calls {f['seconds_per_edit']:.2f}s"
+                                                  for lv, f in figures.items()))  # fmt: skip
+    return {"steps": steps, "levels": figures}
 
 
 def _unseen_sizes(c, base: int, say, mode: str) -> dict:
@@ -159,7 +170,7 @@ def _build(preset: str, device: torch.device):
     return random_components(preset, device, dtype_for(device), tempfile.mkdtemp(prefix="gpu-check-"))
 
 
-def _model(c, runtime: TransformerRuntime | None = None, config: Config | None = None) -> Model:  # noqa: ANN001
+def _model(c, runtime: TransformerRuntime | None = None, config: Config | None = None) -> Model:
     """The components as the pipeline holds them (what ``warm_up`` takes)."""
     config = config or Config.from_env()
     return Model(config, c, runtime or LocalRuntime(c.transformer), None, LoraStore(), {})
@@ -358,6 +369,7 @@ def run_check(out: Path, preset: str = "full", device: torch.device | None = Non
             if mode in ("compiled", "compiled static"):
                 modes[mode]["unseen_sizes"] = _unseen_sizes(c, size, say, mode)
             if mode == "compiled":
+                modes[mode]["short_schedule"] = _short_schedule(c, image, size, say)
                 modes[mode]["references"] = _reference_case(c, image, size, say)
                 modes[mode]["release"] = _release_case(c, image, size, say)
             if mode in ("compiled", "compiled+fp8"):
