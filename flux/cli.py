@@ -181,7 +181,7 @@ def edit_command(args: argparse.Namespace) -> int:
             weights.load_manifest(weights_dir / weights.TREE_MANIFEST_NAME).get("instructions", [])
         )
         text = PROXY_BANNER.format(configured=config.weights_dir, instructions=instructions,
-                                   fetch=weights.FETCH_COMMAND.format(dir=config.weights_dir))  # fmt: skip
+                                   fetch=weights.fetch_command(config.weights_dir))  # fmt: skip
         print(f"{'!' * 78}\n! {text}\n! Weights: {weights_dir}\n{'!' * 78}", file=sys.stderr)
     start = time.perf_counter()
     model = load_model(dataclasses.replace(config, weights_dir=weights_dir), with_safety=request.check_safety,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,6 @@ MANIFEST_PATH = PROJECT_ROOT / "weights_manifest.json"
 PROXY_DIR = PROJECT_ROOT / "flux" / "proxy_weights"
 # A tree the project generated (tiny or trained proxy) describes its own files in this file.
 TREE_MANIFEST_NAME = "weights_manifest.json"
-FETCH_COMMAND = "python -m flux download --out {dir}"
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,14 @@ def problems(weights_dir: str | Path, manifest: dict | None = None) -> list[str]
     return found
 
 
+def fetch_command(weights_dir: str | Path) -> str:
+    """The command that fetches the weights, with the interpreter running now (the project's
+    .venv/bin/python, or python in the image cog builds)."""
+    python = Path(sys.executable)
+    shown = python.relative_to(Path.cwd()) if python.is_relative_to(Path.cwd()) else "python"
+    return f"{shown} -m flux download --out {weights_dir}"
+
+
 def require_complete(weights_dir: str | Path) -> None:
     """Raise SetupError listing what is missing, and the command that fetches it."""
     found = problems(weights_dir)
@@ -74,7 +82,7 @@ def require_complete(weights_dir: str | Path) -> None:
         listed = "\n  ".join(found[:40]) + (f"\n  ... and {len(found) - 40} more" if len(found) > 40 else "")
         raise SetupError(
             f"the weights in {weights_dir} are incomplete:\n  {listed}\n"
-            f"Fetch them with: {FETCH_COMMAND.format(dir=weights_dir)}, or let setup() fetch them: set "
+            f"Fetch them with: {fetch_command(weights_dir)}, or let setup() fetch them: set "
             "WEIGHTS_BASE_URL (a mirror or weights CDN) or HF_TOKEN (the Hugging Face Hub)"
         )
 
