@@ -3,6 +3,7 @@ and what it costs at 12 and 64 megapixels (docs/benchmarks.md):
 
 python scripts/eval_keep_unedited.py --edits 10 --out docs    # quality, the chain, robustness, the picture
 python scripts/eval_keep_unedited.py --cost --out docs        # seconds and memory
+python scripts/eval_keep_unedited.py --photos --before bf5b318 --out docs   # real photographs, before and after
 """
 
 import argparse
@@ -20,9 +21,15 @@ if __name__ == "__main__":
     parser.add_argument("--edits", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("results/keep"))
     parser.add_argument("--cost", action="store_true", help="seconds and memory at 12 and 64 megapixels")
+    parser.add_argument("--photos", action="store_true", help="real photographs with simulated regeneration")
+    parser.add_argument("--before", help="also measure keep_unedited as it was at this git revision")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.cost:
+    if args.photos:
+        report = keep.photographs(ROOT, args.before, log=lambda line: print(line, file=sys.stderr))
+        (args.out / "keep-unedited-photos.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(keep.photographs_markdown(report))
+    elif args.cost:
         rows = keep.cost(ROOT)
         (args.out / "keep-unedited-cost.json").write_text(json.dumps(rows, indent=2) + "\n")
         for row in rows:

@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from flux.composite import changed_alpha
+from flux.composite import find_changes
 from flux.config import Config
+from flux.lab import photos
 from flux.lab.scenes import EDITS, make_scene
 from flux.pipeline import Model, load_model, run_edit
 from flux.request import EditRequest
@@ -154,8 +156,8 @@ def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
 
 
 def synthetic_case(picture: np.ndarray, disturbance: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(an edited output, the true edited region): a disk recoloured, then the disturbance applied
-    to the whole frame."""
+    """(an edited output, the true edited region in the photo's geometry): a disk recoloured, then
+    the disturbance applied to the whole frame."""
     rng = np.random.default_rng(seed)
     height, width = picture.shape[:2]
     y, x = np.mgrid[0:height, 0:width]
@@ -170,7 +172,7 @@ def synthetic_case(picture: np.ndarray, disturbance: str, seed: int) -> tuple[np
         dy, dx = int(rng.integers(1, 4)) * rng.choice([-1, 1]), int(rng.integers(1, 4)) * rng.choice([-1, 1])
         rows = np.clip(np.arange(height) - dy, 0, height - 1)
         columns = np.clip(np.arange(width) - dx, 0, width - 1)
-        edited, region = edited[rows][:, columns], region[rows][:, columns]  # moved, the edge repeated
+        edited = edited[rows][:, columns]  # moved, the edge repeated
     if "colour" in disturbance:
         edited += rng.uniform(-8, 8, 3)
     return np.clip(edited, 0, 255).astype(np.uint8), region
@@ -189,7 +191,8 @@ def robustness(size: tuple[int, int] = (1024, 768), cases: int = 10) -> list[dic
         for case in range(cases):
             picture = photo(*size, seed=case)
             edited, region = synthetic_case(picture, disturbance, seed=100 + case)
-            alpha = changed_alpha(picture, edited)
+            found = find_changes(picture, edited)
+            alpha = np.ones(picture.shape[:2]) if found.whole_because else found.alpha.numpy()
             found = alpha > 0.5
             outside = ~near(region, 0.1)
             figures.setdefault("iou", []).append(float((found & region).sum() / (found | region).sum()))
@@ -314,3 +317,64 @@ def markdown(report: dict) -> str:
     for r in report["robustness"]:
         lines.append(f"| {r['disturbance']} | {r['iou']:.3f} | {r['recall']:.1%} | {r['outside_taken']:.2%} |")
     return "\n".join(lines) + "\n"
+
+
+# --- real photographs, with simulated regeneration (flux/lab/photos.py) --------------------------
+
+
+def finder_at(root: Path, revision: str) -> photos.Finder:
+    """keep_unedited as it was at a git ``revision`` of this project (its flux/composite.py, which
+    offered ``keep_unedited`` and ``changed_alpha``): the "before" of docs/quality.md."""
+    source = subprocess.run(["git", "show", f"{revision}:flux/composite.py"], cwd=root, capture_output=True,
+                            text=True, check=True).stdout  # fmt: skip
+    module = types.ModuleType(f"composite_at_{revision}")
+    sys.modules[module.__name__] = module  # its dataclasses look their module up
+    exec(compile(source, f"{revision}:flux/composite.py", "exec"), module.__dict__)
+
+    def find(original: np.ndarray, output: np.ndarray) -> photos.Outcome:
+        result, kept = module.keep_unedited(Image.fromarray(original), Image.fromarray(output))
+        alpha = np.ones(original.shape[:2], np.float32) if kept.whole else module.changed_alpha(original, output)
+        return photos.Outcome(np.asarray(result), alpha, kept.whole)
+
+    return find
+
+
+def photographs(root: Path, before: str | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Every case of flux/lab/photos.py with the product's region finder (and with the one at
+    ``before``): the rows and their summaries by edit and by regeneration."""
+    chosen = photos.cases()
+    report = {"photos": {name: source for name, (_, source) in photos.PHOTOS.items()}, "margin": photos.MARGIN}
+    finders = {"after": photos.product_finder} | ({"before": finder_at(root, before)} if before else {})
+    for label, finder in finders.items():
+        start = time.perf_counter()
+        rows = photos.evaluate(finder, chosen, log)
+        report[label] = {"seconds": time.perf_counter() - start, "rows": rows,
+                         "by_edit": photos.summary(rows, "edit"),
+                         "by_regeneration": photos.summary(rows, "regeneration")}  # fmt: skip
+    report["before_revision"] = before
+    return report
+
+
+def _figure(value: float | None, form: str) -> str:
+    return "-" if value is None else format(value, form)
+
+
+def photographs_markdown(report: dict) -> str:
+    lines = []
+    for by in ("edit", "regeneration"):
+        lines += [f"| {by} | cases | lost | at least 95% back | whole edit | background exact, lowest | "
+                  "placement, lowest (dB) | seam step / the output's (levels) | no edit: the input back |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        labels = [label for label in ("before", "after") if label in report]
+        for index in range(len(report["after"][f"by_{by}"])):
+            for label in labels:
+                r = report[label][f"by_{by}"][index]
+                seam = f"{_figure(r['seam_step'], '.2f')} / {_figure(r['seam_step_output'], '.2f')}"
+                name = f"{r[by]} ({label})" if len(labels) > 1 else r[by]
+                lines.append(
+                    f"| {name} | {r['cases']} | {r['lost']} | {_figure(r['recall_95'], '.0%')} | {_figure(r['whole'], '.0%')} "
+                    f"| {_figure(r['background_exact_min'], '.2%')} | {_figure(r['placement_min'], '.1f')} | {seam} "
+                    f"| {_figure(r['input_back'], '.0%')} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
