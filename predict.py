@@ -14,10 +14,9 @@ from cog import BaseRunner, Input, Path, Secret
 from flux.config import Config
 from flux.errors import InputError
 from flux.images import save_image
-from flux.lora_sources import lora_requests
 from flux.outputs import new_output_path, output_dir
 from flux.pipeline import Model, load_model, run_edit
-from flux.request import EditRequest, go_fast_level, one_image, one_meaning
+from flux.request import request_from
 
 # cog build reads the inputs from this file's text (a static schema generator): every Input()
 # argument is a literal or a name bound to one here, a string on one line without parentheses.
@@ -37,6 +36,14 @@ HF_TOKEN_HELP = "Your Hugging Face token, for a LoRA in a gated or private repo;
 CIVITAI_TOKEN_HELP = "Your CivitAI API token, for a CivitAI LoRA that needs one; sent to civitai.com only"
 KEEP_UNEDITED_HELP = "Return the input photo at its own size with only the region the edit changed replaced (found from the edit, feathered at its border); everywhere else its pixels as they were. Needs aspect_ratio match_input_image"
 ONE_IMAGE_HELP = "Another host's count of output images: this model returns one image per prediction, so only 1 is accepted"
+PROMPT_HELP = "Text description of what to change in the input image"
+ASPECT_HELP = "Aspect ratio of the output; match_input_image keeps the input's"
+SEED_HELP = "Random seed, 0 to 4294967295 (0 is a seed); -1, the default, draws a random one"
+QUALITY_HELP = "Quality of webp and jpg outputs, 0 to 100; ignored for png"
+LORA_STRENGTH_HELP = "How strongly the LoRA applies; 0 turns it off"
+GUIDANCE_SCALE_HELP = "fal's name for guidance; send guidance"
+STEPS_HELP = "Together's name for num_inference_steps; send num_inference_steps"
+ENABLE_SAFETY_HELP = "fal's name for the opposite of disable_safety_checker; send disable_safety_checker"
 # fmt: on
 
 
@@ -58,39 +65,25 @@ class Predictor(BaseRunner):
         so that /health-check reports UNHEALTHY and the platform replaces the container."""
         return self.model.healthy()
 
+    # fmt: off
     def run(
         self,
-        prompt: str = Input(description="Text description of what to change in the input image", max_length=10000),
+        prompt: str = Input(description=PROMPT_HELP, max_length=10000),
         input_image: Path = Input(description="Image to edit: jpeg, png, gif or webp"),
-        aspect_ratio: str = Input(
-            description="Aspect ratio of the output; match_input_image keeps the input's",
-            choices=ASPECT_RATIOS,
-            default="match_input_image",
-        ),
+        aspect_ratio: str = Input(description=ASPECT_HELP, choices=ASPECT_RATIOS, default="match_input_image"),
         num_inference_steps: int = Input(description="Number of denoising steps", ge=4, le=50, default=28),
         guidance: float = Input(description="How closely to follow the prompt", ge=0, le=10, default=2.5),
-        seed: int = Input(
-            description="Random seed, 0 to 4294967295 (0 is a seed); -1, the default, draws a random one",
-            ge=-1,
-            le=4294967295,
-            default=-1,
-        ),
+        seed: int = Input(description=SEED_HELP, ge=-1, le=4294967295, default=-1),
         acceleration: str = Input(description=ACCELERATION_HELP, choices=ACCELERATION_LEVELS, default="go fast"),
         go_fast: bool | str = Input(description=GO_FAST_HELP, default=""),
         output_format: str = Input(description="Format of the output image", choices=OUTPUT_FORMATS, default="webp"),
-        output_quality: int = Input(
-            description="Quality of webp and jpg outputs, 0 to 100; ignored for png", ge=0, le=100, default=80
-        ),
+        output_quality: int = Input(description=QUALITY_HELP, ge=0, le=100, default=80),
         disable_safety_checker: bool = Input(description="Disable the safety checker", default=False),
         keep_unedited: bool = Input(description=KEEP_UNEDITED_HELP, default=False),
         lora_weights: str = Input(description=LORA_HELP, default="", max_length=2048),
-        lora_strength: float = Input(
-            description="How strongly the LoRA applies; 0 turns it off", ge=-1, le=3, default=1.0
-        ),
+        lora_strength: float = Input(description=LORA_STRENGTH_HELP, ge=-1, le=3, default=1.0),
         extra_lora_weights: str = Input(description="A second LoRA, the same sources", default="", max_length=2048),
-        extra_lora_strength: float = Input(
-            description="How strongly the second LoRA applies", ge=-1, le=3, default=1.0
-        ),
+        extra_lora_strength: float = Input(description="How strongly the second LoRA applies", ge=-1, le=3, default=1.0),
         reference_images: list[Path] = Input(description=REFERENCES_HELP, default=[]),
         multi_image_mode: str = Input(description=MULTI_IMAGE_HELP, choices=MULTI_IMAGE_MODES, default="offset"),
         hf_api_token: Secret = Input(description=HF_TOKEN_HELP, default=""),
@@ -98,67 +91,26 @@ class Predictor(BaseRunner):
         num_outputs: int = Input(description=ONE_IMAGE_HELP, ge=1, le=1, default=1, deprecated=True),
         num_images: int = Input(description=ONE_IMAGE_HELP, ge=1, le=1, default=1, deprecated=True),
         n: int = Input(description=ONE_IMAGE_HELP, ge=1, le=1, default=1, deprecated=True),
-        guidance_scale: float = Input(
-            description="fal's name for guidance; send guidance", ge=0, le=10, default=2.5, deprecated=True
-        ),
-        steps: int = Input(
-            description="Together's name for num_inference_steps; send num_inference_steps",
-            ge=4,
-            le=50,
-            default=28,
-            deprecated=True,
-        ),
-        enable_safety_checker: bool = Input(
-            description="fal's name for the opposite of disable_safety_checker; send disable_safety_checker",
-            default=True,
-            deprecated=True,
-        ),
+        guidance_scale: float = Input(description=GUIDANCE_SCALE_HELP, ge=0, le=10, default=2.5, deprecated=True),
+        steps: int = Input(description=STEPS_HELP, ge=4, le=50, default=28, deprecated=True),
+        enable_safety_checker: bool = Input(description=ENABLE_SAFETY_HELP, default=True, deprecated=True),
     ) -> Path:
-        one_image(num_outputs=num_outputs, num_images=num_images, n=n)
-        request = EditRequest(
-            prompt=prompt, image=accepted_file(input_image), aspect_ratio=aspect_ratio,
-            num_steps=one_meaning("num_inference_steps", num_inference_steps, 28, "steps", steps,
-                                  None if steps == 28 else steps),
-            guidance=one_meaning("guidance", guidance, 2.5, "guidance_scale", guidance_scale,
-                                 None if guidance_scale == 2.5 else guidance_scale),
-            seed=seed,
-            acceleration=one_meaning("acceleration", acceleration, "go fast", "go_fast", go_fast, go_fast_level(go_fast)),
-            output_format=output_format, output_quality=output_quality,
-            check_safety=not one_meaning("disable_safety_checker", disable_safety_checker, False,
-                                         "enable_safety_checker", enable_safety_checker,
-                                         None if enable_safety_checker else True),
-            loras=lora_requests((lora_weights, lora_strength, "lora_weights"),
-                                (extra_lora_weights, extra_lora_strength, "extra_lora_weights")),
-            references=tuple(accepted_file(r, f"reference_images[{i}]") for i, r in enumerate(reference_images)),
-            multi_image_mode=multi_image_mode, hf_api_token=_secret(hf_api_token),
-            civitai_api_token=_secret(civitai_api_token), keep_unedited=keep_unedited,
-        )  # fmt: skip
+        sent = {name: value for name, value in locals().items() if name != "self"}  # every input, by its name
+        request = request_from(sent, accepted_file)
         result = run_edit(self.model, request)
-        report = result.report
-        print(report.summary())
-        self.record_metric("seed", report.seed)
-        self.record_metric("acceleration", report.acceleration)
-        self.record_metric("transformer_calls", report.transformer_calls)
-        for phase, seconds in report.all_seconds().items():
-            self.record_metric(f"seconds.{phase}", round(seconds, 4))
-        if report.loras:
-            self.record_metric("loras", report.loras)
-        if report.keep_unedited:
-            self.record_metric("keep_unedited", report.keep_unedited)
+        print(result.report.summary())
+        for name, value in result.report.metrics().items():
+            self.record_metric(name, value)
         path = new_output_path(request.output_format, self.outputs)
         return Path(save_image(result.image, path, request.output_format, request.output_quality))
+    # fmt: on
 
     # The documented entry point. A partialmethod is not itself callable, so cog's inspector
     # sees run() as the one handler and starts without the predict() deprecation warning.
     predict = functools.partialmethod(run)
 
 
-def _secret(value: Secret | str | None) -> str | None:
-    text = value.get_secret_value() if isinstance(value, Secret) else value
-    return text.strip() or None if isinstance(text, str) else None
-
-
-def accepted_file(value: object, name: str = "input_image") -> pathlib.Path:
+def accepted_file(value: object, name: str) -> pathlib.Path:
     """The input image must be a file the server received (cog.Path), never a path string.
 
     A plain string reaches predict() when a request sends something other than a data URI

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 import torch
 
 ACCELERATION_LEVELS = ("none", "go fast", "go really fast")
-MIN_STEPS = 4
-MAX_STEPS = 50
 
 # level -> (steps always computed at each end of a REFERENCE_STEPS schedule, pattern over the step
 # index in between)

@@ -20,24 +20,7 @@ from flux import images, sizes, weights
 from flux.config import Config
 from flux.errors import EditError, InputError, SetupError
 from flux.fetch import FetchError, WeightsRemote, fetch, pin
-from flux.lora_sources import lora_requests
-from flux.request import (
-    ACCELERATION_LEVELS,
-    DEFAULT_ACCELERATION,
-    DEFAULT_GUIDANCE,
-    DEFAULT_MULTI_IMAGE_MODE,
-    DEFAULT_OUTPUT_QUALITY,
-    DEFAULT_STEPS,
-    MAX_GUIDANCE,
-    MAX_LORA_STRENGTH,
-    MAX_SEED,
-    MAX_STEPS,
-    MIN_GUIDANCE,
-    MIN_LORA_STRENGTH,
-    MIN_STEPS,
-    MULTI_IMAGE_MODES,
-    EditRequest,
-)
+from flux.request import INPUTS, MAX_SEED, EditRequest, request_from
 
 # the request's inputs by the flags that set them, so that an error names what the user typed
 FLAGS = {
@@ -46,6 +29,7 @@ FLAGS = {
     "output_quality": "--quality", "lora_weights": "--lora", "lora_strength": "--lora-strength",
     "extra_lora_weights": "--extra-lora", "extra_lora_strength": "--extra-lora-strength",
     "reference_images": "--reference", "multi_image_mode": "--multi-image-mode", "keep_unedited": "--keep-unedited",
+    "disable_safety_checker": "--no-safety-checker",
 }  # fmt: skip
 EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
 PROXY_BANNER = (
@@ -89,24 +73,24 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, type=Path, help="output file: .png, .jpg, .jpeg or .webp picks the format")
     e.add_argument("--weights", type=Path, help="weights folder (default: WEIGHTS_DIR, ./weights)")
     e.add_argument("--proxy", action="store_true", help="edit with the small proxy model committed in the project")
-    e.add_argument("--aspect-ratio", default=sizes.MATCH_INPUT, choices=sizes.ASPECT_RATIO_CHOICES)
-    e.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps, {MIN_STEPS} to {MAX_STEPS}")
-    e.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"{MIN_GUIDANCE:g} to {MAX_GUIDANCE:g}")
-    e.add_argument("--seed", type=int, default=None, help=f"0 to {MAX_SEED}; random when omitted (0 is a seed)")
-    e.add_argument("--acceleration", default=DEFAULT_ACCELERATION, choices=ACCELERATION_LEVELS)
-    e.add_argument("--quality", type=int, default=DEFAULT_OUTPUT_QUALITY, help="webp/jpg quality, 0 to 100")
-    e.add_argument("--no-safety-checker", action="store_true", help="do not check the edited image")
-    e.add_argument("--keep-unedited", action="store_true",
+    # defaults are the request's (flux.request.INPUTS): a flag left out is an input not sent
+    e.add_argument("--aspect-ratio", choices=sizes.ASPECT_RATIO_CHOICES, help=_default("aspect_ratio"))
+    e.add_argument("--steps", type=int, help=f"denoising steps, {_bounds('num_inference_steps')}")
+    e.add_argument("--guidance", type=float, help=_bounds("guidance"))
+    e.add_argument("--seed", type=int, help=f"0 to {MAX_SEED}; random when omitted (0 is a seed)")
+    e.add_argument("--acceleration", choices=INPUTS["acceleration"].choices, help=_default("acceleration"))
+    e.add_argument("--quality", type=int, help=f"webp/jpg quality, {_bounds('output_quality')}")
+    e.add_argument("--no-safety-checker", action="store_true", default=None, help="do not check the edited image")
+    e.add_argument("--keep-unedited", action="store_true", default=None,
                    help="the input at its own size with only what the edit changed replaced")  # fmt: skip
     e.add_argument(
         "--lora", help="LoRA: owner/name[/file.safetensors], or an http(s) URL (.safetensors, .tar, CivitAI)"
     )
-    e.add_argument("--lora-strength", type=float, default=1.0,
-                   help=f"{MIN_LORA_STRENGTH:g} to {MAX_LORA_STRENGTH:g}; 0 turns it off")  # fmt: skip
+    e.add_argument("--lora-strength", type=float, help=f"{_bounds('lora_strength')}; 0 turns it off")
     e.add_argument("--extra-lora", help="a second LoRA, the same sources")
-    e.add_argument("--extra-lora-strength", type=float, default=1.0)
-    e.add_argument("--reference", action="append", type=Path, default=[], help="a reference image (up to 3; repeat)")
-    e.add_argument("--multi-image-mode", default=DEFAULT_MULTI_IMAGE_MODE, choices=MULTI_IMAGE_MODES)
+    e.add_argument("--extra-lora-strength", type=float, help=_bounds("extra_lora_strength"))
+    e.add_argument("--reference", action="append", type=Path, help="a reference image (up to 3; repeat)")
+    e.add_argument("--multi-image-mode", choices=INPUTS["multi_image_mode"].choices, help=_default("multi_image_mode"))
     d = sub.add_parser("download", help="fetch the weights, each file verified against the manifest")
     d.add_argument("--out", type=Path, help="weights folder (default: WEIGHTS_DIR, ./weights)")
     d.add_argument("--base-url", help="a mirror or weights CDN laid out like the tree (default: WEIGHTS_BASE_URL)")
@@ -144,19 +128,22 @@ def _output_format(path: Path) -> str:
     return EXTENSIONS[path.suffix.lower()]
 
 
-def request_from(args: argparse.Namespace) -> EditRequest:
+def _default(name: str) -> str:
+    return f"default {INPUTS[name].default}"
+
+
+def _bounds(name: str) -> str:
+    spec = INPUTS[name]
+    return f"{spec.low:g} to {spec.high:g}, default {spec.default:g}"
+
+
+def edit_request(args: argparse.Namespace) -> EditRequest:
     """The request the flags ask for, every bound and file checked (nothing loaded yet)."""
+    sent = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in FLAGS.items() if name != "output_format"}
+    sent = {name: value for name, value in sent.items() if value is not None}
     try:
-        return EditRequest(
-            prompt=args.prompt, image=_read(args.image, "--image"), aspect_ratio=args.aspect_ratio,
-            num_steps=args.steps, guidance=args.guidance, seed=args.seed, acceleration=args.acceleration,
-            output_format=_output_format(args.out), output_quality=args.quality,
-            check_safety=not args.no_safety_checker,
-            loras=lora_requests((args.lora, args.lora_strength, "lora_weights"),
-                                (args.extra_lora, args.extra_lora_strength, "extra_lora_weights")),
-            references=tuple(_read(path, "--reference") for path in args.reference),
-            multi_image_mode=args.multi_image_mode, keep_unedited=args.keep_unedited,
-        )  # fmt: skip
+        sent["output_format"] = _output_format(args.out)
+        return request_from(sent, lambda path, name: _read(path, FLAGS[name.split("[")[0]]))
     except InputError as exc:
         raise _named_by_flag(exc) from None
 
@@ -174,7 +161,7 @@ def edit_command(args: argparse.Namespace) -> int:
     from flux.pipeline import load_model, run_edit
 
     config = Config.from_env()
-    request = request_from(args)
+    request = edit_request(args)
     weights_dir, is_proxy = choose_weights(config, args.weights, args.proxy)
     if is_proxy:
         instructions = "; ".join(

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING
 
 from flux.errors import InputError
 from flux.outbound import (
-    PUBLIC_ONLY,
     AddressPolicy,
     Credential,
     FetchError,
@@ -42,12 +41,12 @@ from flux.outbound import (
     TooSlow,
     download,
     get_json,
+    serves,
 )
 
 if TYPE_CHECKING:
     from flux.config import Config
 
-MAX_SOURCE_CHARS = 2048
 MAX_TAR_ENTRIES = 1000
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _NAME = r"[\w][\w.-]*"
@@ -97,12 +96,13 @@ def describe(source: str) -> str:
 
 
 def _is_service(url: str, domain: str, endpoint: str) -> bool:
-    """Whether ``url`` is the service's: its domain or a dot-bounded subdomain, or the configured endpoint."""
-    parsed, configured = urllib.parse.urlparse(url), urllib.parse.urlparse(endpoint)
-    host = (parsed.hostname or "").lower()
-    if (parsed.scheme, host, parsed.port) == (configured.scheme, configured.hostname, configured.port):
-        return True
-    return host == domain or host.endswith("." + domain)
+    """Whether ``url`` is the service's (``outbound.serves``), whatever its scheme."""
+    import httpx2
+
+    try:
+        return serves(httpx2.URL(url), domain, (endpoint,))
+    except (httpx2.InvalidURL, ValueError, TypeError):
+        return False
 
 
 def _refuse_pickle(name: str, where: str) -> None:
@@ -120,14 +120,14 @@ class LoraStore:
     tokens (used for a caller's LoRA only where ``operator_tokens``), the disk cache and its
     bounds, and the outbound rules every download follows."""
 
-    cache: Path = Path(".cache/loras")
-    cache_bytes: int = 10 * 2**30
-    max_bytes: int = 2 * 2**30
-    hf_endpoint: str = "https://huggingface.co"
-    civitai_endpoint: str = "https://civitai.com"
-    operator: LoraTokens = NO_TOKENS
-    policy: AddressPolicy = PUBLIC_ONLY
-    limits: FetchLimits = FetchLimits(deadline_s=600, min_rate=100_000, window_s=30)
+    cache: Path
+    cache_bytes: int
+    max_bytes: int
+    hf_endpoint: str
+    civitai_endpoint: str
+    operator: LoraTokens
+    policy: AddressPolicy
+    limits: FetchLimits
 
     @classmethod
     def from_config(cls, config: Config) -> LoraStore:

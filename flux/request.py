@@ -2,8 +2,8 @@
 inputs, checked once when it is made (every bound a request has is here) without touching the
 model or decoding an image, and passed whole to ``flux.pipeline.run_edit``.
 
-predict.py repeats the bounds and defaults as literals in its ``Input()`` declarations, because
-cog's schema generator reads only literals there; tests/test_predict.py holds the two together.
+``INPUTS`` is what a caller may send, with defaults and bounds; ``request_from`` turns what was
+sent into a request, for predict.py and the command line alike.
 """
 
 from __future__ import annotations
@@ -11,34 +11,80 @@ from __future__ import annotations
 import json
 import pathlib
 import unicodedata
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import taylor_utils
 from flux import images, sizes
 from flux.errors import InputError
-from flux.lora_sources import MAX_SOURCE_CHARS, LoraRequest
+from flux.lora_sources import LoraRequest, lora_requests
 
-DEFAULT_STEPS = 28
-MIN_STEPS, MAX_STEPS = taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS
-DEFAULT_GUIDANCE = 2.5
-MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 10.0
-ACCELERATION_LEVELS = taylor_utils.ACCELERATION_LEVELS
-DEFAULT_ACCELERATION = "go fast"
-# Where reference images go in the conditioning sequence (the released model was not trained for
-# several images; these are the placements in use, see README "Several input images").
-MULTI_IMAGE_MODES = ("offset", "stitch", "index")
-DEFAULT_MULTI_IMAGE_MODE = "offset"
+# Every input a caller can send (predict.py's names), with its default and bounds: the one place
+# they are written. predict.py's Input() declarations repeat them as literals (cog build reads
+# literals only) and tests/test_api_contract.py holds the two together; the command line takes
+# its defaults from here.
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One input: its default, and what bounds it (a closed range, a choice, a length)."""
+
+    default: object
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    max_length: int | None = None
+
+
 # The noise generator (torch's CPU Mersenne Twister) keeps only the low 32 bits of a seed, so
 # 0..2**32-1 is the whole range of distinct seeds; anything outside it would alias one inside.
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1  # what a caller sends (or leaves) for a random seed; None means the same
-# T5 reads at most 512 tokens; a prompt this long is far past that already
-MAX_PROMPT_CHARS = 10_000
+# Where reference images go in the conditioning sequence (the released model was not trained for
+# several images; these are the placements in use, see README "Several input images").
+MULTI_IMAGE_MODES = ("offset", "stitch", "index")
 OUTPUT_FORMATS = tuple(images.OUTPUT_FORMATS)
-DEFAULT_OUTPUT_FORMAT = "webp"
-DEFAULT_OUTPUT_QUALITY = 80
-MIN_LORA_STRENGTH, MAX_LORA_STRENGTH = -1.0, 3.0
-MAX_REFERENCES = sizes.MAX_REFERENCES
+ACCELERATION_LEVELS = taylor_utils.ACCELERATION_LEVELS
+_STEPS = Spec(28, 4, 50)
+_GUIDANCE = Spec(2.5, 0.0, 10.0)
+_LORA_SOURCE = Spec("", max_length=2048)
+_LORA_STRENGTH = Spec(1.0, -1.0, 3.0)
+_ONE_IMAGE = Spec(1, 1, 1)
+INPUTS: dict[str, Spec] = {
+    "prompt": Spec(None, max_length=10_000),  # T5 reads at most 512 tokens: far past that already
+    "input_image": Spec(None),
+    "aspect_ratio": Spec(sizes.MATCH_INPUT, choices=sizes.ASPECT_RATIO_CHOICES),
+    "num_inference_steps": _STEPS,
+    "guidance": _GUIDANCE,
+    "seed": Spec(RANDOM_SEED, RANDOM_SEED, MAX_SEED),
+    "acceleration": Spec("go fast", choices=ACCELERATION_LEVELS),
+    "go_fast": Spec(""),
+    "output_format": Spec("webp", choices=OUTPUT_FORMATS),
+    "output_quality": Spec(80, 0, 100),
+    "disable_safety_checker": Spec(False),
+    "keep_unedited": Spec(False),
+    "lora_weights": _LORA_SOURCE,
+    "lora_strength": _LORA_STRENGTH,
+    "extra_lora_weights": _LORA_SOURCE,
+    "extra_lora_strength": _LORA_STRENGTH,
+    "reference_images": Spec((), 0, sizes.MAX_REFERENCES),  # the bounds of their count
+    "multi_image_mode": Spec("offset", choices=MULTI_IMAGE_MODES),
+    "hf_api_token": Spec(""),
+    "civitai_api_token": Spec(""),
+    # other hosts' names for the same inputs (see ALIASES) and their counts of images
+    "num_outputs": _ONE_IMAGE,
+    "num_images": _ONE_IMAGE,
+    "n": _ONE_IMAGE,
+    "guidance_scale": _GUIDANCE,
+    "steps": _STEPS,
+    "enable_safety_checker": Spec(True),
+}
+DEFAULT_STEPS = _STEPS.default
+MIN_STEPS, MAX_STEPS = _STEPS.low, _STEPS.high
+DEFAULT_GUIDANCE = _GUIDANCE.default
+DEFAULT_ACCELERATION = INPUTS["acceleration"].default
+DEFAULT_MULTI_IMAGE_MODE = INPUTS["multi_image_mode"].default
+MAX_PROMPT_CHARS = INPUTS["prompt"].max_length
 
 ImageSource = pathlib.Path | bytes
 
@@ -62,8 +108,8 @@ class EditRequest:
     guidance: float = DEFAULT_GUIDANCE
     seed: int | None = None
     acceleration: str = DEFAULT_ACCELERATION
-    output_format: str = DEFAULT_OUTPUT_FORMAT
-    output_quality: int = DEFAULT_OUTPUT_QUALITY
+    output_format: str = INPUTS["output_format"].default
+    output_quality: int = INPUTS["output_quality"].default
     check_safety: bool = True
     loras: tuple[LoraRequest, ...] = ()
     references: tuple[ImageSource, ...] = field(default=(), repr=False)
@@ -75,33 +121,42 @@ class EditRequest:
     keep_unedited: bool = False
 
     def __post_init__(self) -> None:
-        _not_longer("prompt", self.prompt, MAX_PROMPT_CHARS)
+        _check("prompt", self.prompt)
         object.__setattr__(self, "prompt", clean_prompt(self.prompt))
         if not self.prompt:
             raise InputError(
                 "prompt is empty (control characters and spaces do not count); say what to change in the image",
                 "prompt",
             )
-        _one_of("aspect_ratio", self.aspect_ratio, sizes.ASPECT_RATIO_CHOICES)
-        _within("num_inference_steps", self.num_steps, MIN_STEPS, MAX_STEPS)
-        _within("guidance", self.guidance, MIN_GUIDANCE, MAX_GUIDANCE)
         if self.seed == RANDOM_SEED:
             object.__setattr__(self, "seed", None)
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InputError(f"seed must be between 0 and {MAX_SEED}, or {RANDOM_SEED} (or left out) for a random one; "
                              f"got {self.seed}", "seed")  # fmt: skip
-        _one_of("acceleration", self.acceleration, ACCELERATION_LEVELS)
-        _one_of("output_format", self.output_format, OUTPUT_FORMATS)
-        _within("output_quality", self.output_quality, 0, 100)
-        _one_of("multi_image_mode", self.multi_image_mode, MULTI_IMAGE_MODES)
-        if len(self.references) > MAX_REFERENCES:
-            raise InputError(f"at most {MAX_REFERENCES} reference_images are accepted; got {len(self.references)}",
-                             "reference_images")  # fmt: skip
+        for name, value in (("aspect_ratio", self.aspect_ratio), ("num_inference_steps", self.num_steps),
+                            ("guidance", self.guidance), ("acceleration", self.acceleration),
+                            ("output_format", self.output_format), ("output_quality", self.output_quality),
+                            ("multi_image_mode", self.multi_image_mode)):  # fmt: skip
+            _check(name, value)
+        if len(self.references) > INPUTS["reference_images"].high:
+            raise InputError(f"at most {INPUTS['reference_images'].high} reference_images are accepted; "
+                             f"got {len(self.references)}", "reference_images")  # fmt: skip
         for lora in self.loras:
-            _not_longer(lora.field, lora.source, MAX_SOURCE_CHARS)
-            _within(lora.field.replace("weights", "strength"), lora.strength, MIN_LORA_STRENGTH, MAX_LORA_STRENGTH)
+            _check(lora.field, lora.source)
+            _check(lora.field.replace("weights", "strength"), lora.strength)
         if self.keep_unedited:
             _frames_correspond(self)
+
+
+def _check(name: str, value: object) -> None:
+    """``value`` within what INPUTS says ``name`` accepts (an InputError naming it otherwise)."""
+    spec = INPUTS[name]
+    if spec.choices and value not in spec.choices:
+        raise InputError(f"{name} must be one of {', '.join(spec.choices)}; got {value!r}", name)
+    if spec.low is not None and not spec.low <= value <= spec.high:
+        raise InputError(f"{name} must be between {spec.low:g} and {spec.high:g}; got {value:g}", name)
+    if spec.max_length is not None and len(value) > spec.max_length:
+        raise InputError(f"{name} is longer than {spec.max_length} characters; got {len(value)}", name)
 
 
 def _frames_correspond(request: EditRequest) -> None:
@@ -131,59 +186,61 @@ def check_frame_for_keep_unedited(width: int, height: int) -> None:
         )
 
 
-def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InputError(f"{name} must be one of {', '.join(choices)}; got {value!r}", name)
+# --- from what a caller sent to the request ------------------------------------------------------
 
-
-def _within(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise InputError(f"{name} must be between {low:g} and {high:g}; got {value:g}", name)
-
-
-def _not_longer(name: str, text: str, limit: int) -> None:
-    if len(text) > limit:
-        raise InputError(f"{name} is longer than {limit} characters; got {len(text)}", name)
-
-
-# --- other hosts' names for the same inputs ----------------------------------------------------
-
-# Replicate's hosted FLUX.1 Kontext [dev] takes go_fast: true is its 13-call map at 28 steps (this
-# container's "go really fast"), false computes every step
+# Other hosts' names for this container's inputs: alias -> (this container's name, what the alias's
+# value means in this container's terms). Replicate's go_fast: true is its 13-call map at 28 steps
+# (this container's "go really fast"), false computes every step; fal's enable_safety_checker is
+# the opposite of disable_safety_checker.
 GO_FAST_LEVELS = {True: "go really fast", False: "none"}
+ALIASES: dict[str, tuple[str, Callable[[object], object]]] = {
+    "steps": ("num_inference_steps", lambda steps: steps),
+    "guidance_scale": ("guidance", lambda scale: scale),
+    "go_fast": ("acceleration", lambda go_fast: GO_FAST_LEVELS[go_fast]),
+    "enable_safety_checker": ("disable_safety_checker", lambda enable: not enable),
+}
+# other hosts' counts of output images: this container returns one image per prediction
+IMAGE_COUNTS = ("num_outputs", "num_images", "n")
 
 
-def go_fast_level(go_fast: bool | str) -> str | None:
-    """The acceleration Replicate's ``go_fast`` asks for; None where it was not given (an empty string)."""
-    if go_fast == "":
-        return None
-    if not isinstance(go_fast, bool):
-        raise InputError(f"go_fast must be true or false (or left out); got {go_fast!r}", "go_fast")
-    return GO_FAST_LEVELS[go_fast]
+def request_from(sent: Mapping[str, object], read_file: Callable[[object, str], ImageSource]) -> EditRequest:
+    """The request for what a caller sent, by predict.py's input names (an input left out takes its
+    default from INPUTS): other hosts' names resolved, the LoRA list and the files read (through
+    ``read_file(value, input name)``), every bound checked. predict.py and the command line both
+    make their requests here."""
+    unknown = set(sent) - set(INPUTS)
+    if unknown:
+        raise ValueError(f"not inputs of this container: {', '.join(sorted(unknown))}")
+    inputs = {name: sent.get(name, spec.default) for name, spec in INPUTS.items()}
+    for name in IMAGE_COUNTS:
+        if inputs[name] != 1:
+            raise InputError(f"{name}={inputs[name]}: this container returns one image per prediction; send "
+                             f"{inputs[name]} predictions (with different seeds) instead", name)  # fmt: skip
+    if inputs["go_fast"] != "" and not isinstance(inputs["go_fast"], bool):
+        raise InputError(f"go_fast must be true or false (or left out); got {inputs['go_fast']!r}", "go_fast")
+    for alias, (name, meaning) in ALIASES.items():
+        if inputs[alias] == INPUTS[alias].default:
+            continue  # the alias left out: this container's input decides
+        _check(alias, inputs[alias])
+        meant = meaning(inputs[alias])
+        if inputs[name] != INPUTS[name].default and inputs[name] != meant:
+            raise InputError(f"{alias}={json.dumps(inputs[alias])} asks for {name}={json.dumps(meant)}, but {name} is "
+                             f"{json.dumps(inputs[name])}; send one of them", alias)  # fmt: skip
+        inputs[name] = meant
+    return EditRequest(
+        prompt=inputs["prompt"], image=read_file(inputs["input_image"], "input_image"),
+        aspect_ratio=inputs["aspect_ratio"], num_steps=inputs["num_inference_steps"], guidance=inputs["guidance"],
+        seed=inputs["seed"], acceleration=inputs["acceleration"], output_format=inputs["output_format"],
+        output_quality=inputs["output_quality"], check_safety=not inputs["disable_safety_checker"],
+        loras=lora_requests((inputs["lora_weights"], inputs["lora_strength"], "lora_weights"),
+                            (inputs["extra_lora_weights"], inputs["extra_lora_strength"], "extra_lora_weights")),
+        references=tuple(read_file(r, f"reference_images[{i}]") for i, r in enumerate(inputs["reference_images"])),
+        multi_image_mode=inputs["multi_image_mode"], hf_api_token=_token(inputs["hf_api_token"]),
+        civitai_api_token=_token(inputs["civitai_api_token"]), keep_unedited=inputs["keep_unedited"],
+    )  # fmt: skip
 
 
-def one_meaning(name: str, value: object, default: object, alias: str, sent: object, meant: object) -> object:
-    """What a caller meant by an input this container names ``name`` and another host names
-    ``alias``: ``sent`` is what came under the alias, ``meant`` the same in this container's terms
-    (None where the alias was left at its default). The alias's meaning where only it was set,
-    ``value`` otherwise; both set to different values is refused."""
-    if meant is None or meant == value:
-        return value
-    if value != default:
-        raise InputError(
-            f"{alias}={json.dumps(sent)} asks for {name}={json.dumps(meant)}, but {name} is {json.dumps(value)}; "
-            "send one of them",
-            alias,
-        )
-    return meant
-
-
-def one_image(**counts: int) -> None:
-    """Other hosts' counts of outputs (num_outputs, num_images, n): this container returns one image."""
-    for name, count in counts.items():
-        if count != 1:
-            raise InputError(
-                f"{name}={count}: this container returns one image per prediction; send {count} predictions "
-                "(with different seeds) instead",
-                name,
-            )
+def _token(value: object) -> str | None:
+    """A token as sent (text, or a secret that hides it: cog's Secret), None where blank."""
+    text = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+    return text.strip() or None if isinstance(text, str) else None

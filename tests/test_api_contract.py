@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from flux import request, sizes
-from flux.cog_schema import (
+from flux import request
+from flux.lab.cog_schema import (
     SNAPSHOT_PATH,
     UNREAD,
     contract_violations,
@@ -78,42 +78,22 @@ class Predictor:
     assert read["e"] == {"description": UNREAD, "default": UNREAD}
 
 
-def test_the_declared_bounds_are_the_requests():
-    """predict.py repeats flux/request.py's bounds as literals (for cog build); they are the same."""
+def test_the_declared_inputs_are_the_requests():
+    """predict.py repeats flux/request.py's INPUTS as literals (for cog build): the same names,
+    defaults, bounds, choices and lengths."""
     from cog._inspector import create_predictor
 
-    f = create_predictor("predict", "Predictor").inputs
-    assert f["prompt"].max_length == request.MAX_PROMPT_CHARS
-    assert (
-        f["aspect_ratio"].choices == list(sizes.ASPECT_RATIO_CHOICES) and f["aspect_ratio"].default == sizes.MATCH_INPUT
-    )
-    for name in ("num_inference_steps", "steps"):
-        assert (f[name].ge, f[name].le, f[name].default) == (
-            request.MIN_STEPS,
-            request.MAX_STEPS,
-            request.DEFAULT_STEPS,
-        )
-    for name in ("guidance", "guidance_scale"):
-        assert (f[name].ge, f[name].le, f[name].default) == (
-            request.MIN_GUIDANCE, request.MAX_GUIDANCE, request.DEFAULT_GUIDANCE
-        )  # fmt: skip
-    assert (f["seed"].ge, f["seed"].le, f["seed"].default) == (
-        request.RANDOM_SEED,
-        request.MAX_SEED,
-        request.RANDOM_SEED,
-    )
-    assert f["acceleration"].choices == list(request.ACCELERATION_LEVELS)
-    assert f["acceleration"].default == request.DEFAULT_ACCELERATION
-    assert f["output_format"].choices == list(request.OUTPUT_FORMATS)
-    assert (f["output_format"].default, f["output_quality"].default) == (
-        request.DEFAULT_OUTPUT_FORMAT, request.DEFAULT_OUTPUT_QUALITY
-    )  # fmt: skip
-    assert f["multi_image_mode"].choices == list(request.MULTI_IMAGE_MODES)
-    assert f["multi_image_mode"].default == request.DEFAULT_MULTI_IMAGE_MODE
-    for name in ("lora_weights", "extra_lora_weights"):
-        assert f[name].max_length == request.MAX_SOURCE_CHARS
-    for name in ("lora_strength", "extra_lora_strength"):
-        assert (f[name].ge, f[name].le) == (request.MIN_LORA_STRENGTH, request.MAX_LORA_STRENGTH)
+    declared = create_predictor("predict", "Predictor").inputs
+    assert set(declared) == set(request.INPUTS)
+    for name, spec in request.INPUTS.items():
+        field = declared[name]
+        default = field.default.get_secret_value() if hasattr(field.default, "get_secret_value") else field.default
+        if spec.default is not None:
+            assert default == (list(spec.default) if isinstance(spec.default, tuple) else spec.default), name
+        if spec.low is not None and name != "reference_images":  # a count, not a value: checked by the request
+            assert (field.ge, field.le) == (spec.low, spec.high), name
+        assert (field.choices or []) == list(spec.choices), name
+        assert field.max_length == spec.max_length, name
 
 
 def _altered(schema, change):

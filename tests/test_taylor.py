@@ -21,6 +21,7 @@ from flux.edit import (
     position_ids,
 )
 from flux.lab import forecasters
+from flux.request import MAX_STEPS, MIN_STEPS
 from tests.conftest import random_image
 
 LEVELS = taylor_utils.ACCELERATION_LEVELS
@@ -32,7 +33,7 @@ def test_calls_at_28_steps():
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_maps_for_every_step_count(level):
-    for steps in range(taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS + 1):
+    for steps in range(MIN_STEPS, MAX_STEPS + 1):
         step_map = taylor_utils.compute_step_map(level, steps)
         assert len(step_map) == steps
         assert all(step_map[:2]) and all(step_map[-2:])  # at least two computed steps at each end
@@ -49,7 +50,7 @@ def test_edges_scale_down_with_short_schedules_and_stay_at_and_above_28():
     assert counts == {8: [6, 5], 12: [8, 6], 16: [10, 8], 20: [13, 9]}
     go_fast = taylor_utils.compute_step_map("go fast", 28)
     assert all(go_fast[:4]) and all(go_fast[-4:]) and go_fast[4:24] == [False, True] * 10
-    for steps in range(29, taylor_utils.MAX_STEPS + 1):
+    for steps in range(29, MAX_STEPS + 1):
         assert [taylor_utils.edge_steps(level, steps) for level in LEVELS[1:]] == [4, 3]
     assert taylor_utils.compute_step_count("go really fast", 5) == 4
 
@@ -74,7 +75,7 @@ def _cache_run(values, positions, n, step_map):
 @pytest.mark.parametrize("trial", range(25))
 def test_constant_and_linear_trajectories_are_forecast_exactly(trial):
     rng = random.Random(trial)
-    steps = rng.randint(taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS)
+    steps = rng.randint(MIN_STEPS, MAX_STEPS)
     level = rng.choice(LEVELS[1:])
     n = rng.randint(1, 3)
     step_map = taylor_utils.compute_step_map(level, steps)
@@ -109,7 +110,7 @@ def _reference_forecast(history, n, k):
 @pytest.mark.parametrize("trial", range(20))
 def test_higher_degree_forecast_matches_the_formula(trial):
     rng = random.Random(100 + trial)
-    steps = rng.randint(taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS)
+    steps = rng.randint(MIN_STEPS, MAX_STEPS)
     level = rng.choice(LEVELS[1:])
     n = rng.randint(0, 3)
     step_map = taylor_utils.compute_step_map(level, steps)
@@ -189,7 +190,7 @@ def test_calls_counted_on_the_model_at_28_steps(components):
 def test_calls_equal_the_map_for_every_step_count(components):
     image = random_image(16, 16)
     for level in LEVELS:
-        for steps in range(taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS + 1):
+        for steps in range(MIN_STEPS, MAX_STEPS + 1):
             settings = _settings(acceleration=level, num_steps=steps, width=16, height=16)
             calls, result = _count_calls(components, lambda s=settings: _edit(components, image, s))
             step_map = taylor_utils.compute_step_map(level, steps)
@@ -265,7 +266,7 @@ def test_timestep_units_are_the_shifted_schedule(components):
 @pytest.mark.parametrize("trial", range(10))
 def test_newton_interpolation_is_exact_for_polynomials_up_to_its_order(trial):
     rng = random.Random(500 + trial)
-    steps = rng.randint(taylor_utils.MIN_STEPS, taylor_utils.MAX_STEPS)
+    steps = rng.randint(MIN_STEPS, MAX_STEPS)
     n = rng.randint(0, 3)
     step_map = taylor_utils.compute_step_map(rng.choice(LEVELS[1:]), steps)
     torch.manual_seed(trial)
