@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +55,9 @@ def load_image(source: str | os.PathLike | bytes, name: str = "input_image", red
 def _identify(data: bytes, name: str) -> Image.Image:
     """The image's header read (no pixels yet), its format and size checked."""
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # Pillow warns from 89 megapixels; the limit here is lower
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise InputError(_too_large(f"{name} declares far too many pixels"), name) from None
     except MemoryError:
@@ -147,6 +151,17 @@ def to_pil(decoded: torch.Tensor) -> Image.Image:
     return Image.fromarray((array * 255).round().astype(np.uint8))
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only read
+    it by setting it, a moment in which another thread's new file would get the wrong mode)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_image(image: Image.Image, path: str | os.PathLike, output_format: str, quality: int = 80) -> Path:
     """Write atomically: a reader sees the whole file or none (never a half-written one).
     ``output_format``: one of OUTPUT_FORMATS; ``quality`` 0 to 100 (flux.request checks both)."""
@@ -162,6 +177,8 @@ def save_image(image: Image.Image, path: str | os.PathLike, output_format: str, 
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         with os.fdopen(fd, "wb") as f:
             f.write(buffer.getvalue())
+            # mkstemp's file is private (0600); the output gets the mode any new file gets here
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:

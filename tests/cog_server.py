@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,11 +62,12 @@ class Server:
             time.sleep(0.1)
         return status, body
 
-    def cancel_after(
-        self, seconds: float, prediction_id: str, inputs: dict, timeout: float = 120
+    def cancel_when(
+        self, reached: Callable[[], bool], prediction_id: str, inputs: dict, within_s: float = 120
     ) -> tuple[dict, float]:
-        """Start a prediction, cancel it ``seconds`` later: (its final response, seconds from the
-        cancel to that response)."""
+        """Start a prediction and cancel it once ``reached()`` says it got to the stage wanted (a
+        line in the server's log, a request a test server received): (its final response, seconds
+        from the cancel to that response)."""
         import threading
 
         result: dict = {}
@@ -77,10 +79,14 @@ class Server:
 
         thread = threading.Thread(target=run)
         thread.start()
-        time.sleep(seconds)
+        deadline = time.monotonic() + within_s
+        while not reached() and "done" not in result:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the stage was not reached within {within_s}s:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
         cancelled_at = time.monotonic()
         self.post(f"/predictions/{prediction_id}/cancel", {})
-        thread.join(timeout=timeout)
+        thread.join(timeout=within_s)
         return result["response"], result["done"] - cancelled_at
 
     def settled_health(self, within_s: float = 10) -> str:
@@ -105,6 +111,10 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def logged(self, text: str) -> Callable[[], bool]:
+        """Whether the server's log shows ``text`` (a stage a prediction reached), as a condition."""
+        return lambda: text in self.log()
+
 
 def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
@@ -116,7 +126,7 @@ def decode_output(output: str) -> bytes:
 
 @contextlib.contextmanager
 def cog_server(weights_dir: Path, workdir: Path, env: dict | None = None, ready_timeout: float = 120):
-    from flux.cog_schema import write_schema
+    from flux.lab.cog_schema import write_schema
 
     write_schema()
     port = free_port()

@@ -11,30 +11,35 @@ from flux.config import SETTINGS, Config, FastPathConfig
 from flux.errors import SetupError
 from tests.test_predict import make_predictor
 
-# a value each setting refuses (settings that take any text, a path or a token have none)
+# values each setting refuses (at its edge and beyond), and what the message says it accepts, written
+# here rather than read from SETTINGS (settings that take any text, a path or a token have none)
 BAD_VALUES = {
-    "WEIGHTS_BASE_URL": "ftp://mirror/weights",
-    "HF_ENDPOINT": "huggingface.co",
-    "CIVITAI_ENDPOINT": "civitai",
-    "FLUX_LORA_OPERATOR_TOKENS": "sometimes",
-    "FLUX_DEVICE": "banana",
-    "FLUX_COMPILE": "yes please",
-    "FLUX_COMPILE_BACKEND": "in ductor",
-    "FLUX_COMPILE_SHAPES": "bucketed",
-    "FLUX_COMPILE_MODE": "fastest",
-    "FLUX_FP8": "maybe",
-    "FLUX_ATTENTION": "warp-speed",
-    "FLUX_LORA_BRANCH_RANK": "lots",
-    "FLUX_CONTEXT_PARALLEL": "two",
-    "FLUX_CONTEXT_PARALLEL_TIMEOUT_S": "0",
-    "FLUX_LORA_CACHE_BYTES": "lots",
-    "FLUX_LORA_MAX_BYTES": "-5",
-    "FLUX_FETCH_ALLOW": "10.0.0.0/8,bad host!,127.0.0.1:99999",
-    "FLUX_FETCH_DEADLINE_S": "soon",
-    "FLUX_FETCH_MIN_RATE": "fast",
-    "FLUX_FETCH_RATE_WINDOW_S": "-1",
-}
+    "WEIGHTS_BASE_URL": (["ftp://mirror/weights", "mirror/weights"], "an http(s) URL"),
+    "HF_ENDPOINT": (["huggingface.co", "https://"], "an http(s) URL"),
+    "CIVITAI_ENDPOINT": (["civitai"], "an http(s) URL"),
+    "FLUX_LORA_OPERATOR_TOKENS": (["sometimes", "2"], "0 or 1"),
+    "FLUX_DEVICE": (["banana", "cuda:x", "gpu"], "cpu, cuda or cuda:N"),
+    "FLUX_COMPILE": (["yes please", "2"], "auto, 1 or 0"),
+    "FLUX_COMPILE_BACKEND": (["in ductor", "1x"], "a torch.compile backend name"),
+    "FLUX_COMPILE_SHAPES": (["bucketed", "Dynamic"], "dynamic or static"),
+    "FLUX_COMPILE_MODE": (["fastest"], "default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs"),
+    "FLUX_FP8": (["maybe"], "auto, on or off"),
+    "FLUX_ATTENTION": (["warp-speed"], "auto or a diffusers attention backend name (flash, _flash_3, native, ...)"),
+    "FLUX_LORA_BRANCH_RANK": (["lots", "-1"], "auto or a whole number"),
+    "FLUX_CONTEXT_PARALLEL": (["two", "0", "-1"], "a whole number, 1 or more"),
+    "FLUX_CONTEXT_PARALLEL_TIMEOUT_S": (["0", "-1", "inf"], "a number of seconds above 0"),
+    "FLUX_LORA_CACHE_BYTES": (["lots", "-1"], "a whole number of bytes"),
+    "FLUX_LORA_MAX_BYTES": (["-5", "0"], "a whole number of bytes, 1 or more"),
+    "FLUX_FETCH_ALLOW": (["10.0.0.0/8,bad host!,127.0.0.1:99999"],
+                         "a comma list of hosts, addresses or networks, each with an optional :port"),
+    "FLUX_FETCH_DEADLINE_S": (["soon", "0"], "a number of seconds above 0"),
+    "FLUX_FETCH_MIN_RATE": (["fast", "-1", "inf"], "a number of bytes a second, 0 or more"),
+    "FLUX_FETCH_RATE_WINDOW_S": (["-1", "0"], "a number of seconds above 0"),
+}  # fmt: skip
 FREE_TEXT = {"WEIGHTS_DIR", "HF_TOKEN", "CIVITAI_API_TOKEN", "FLUX_OUTPUT_DIR", "FLUX_COMPILE_CACHE", "FLUX_LORA_CACHE"}
+# the edge each bounded setting accepts
+EDGE_VALUES = {"FLUX_CONTEXT_PARALLEL": "1", "FLUX_LORA_MAX_BYTES": "1", "FLUX_LORA_CACHE_BYTES": "0",
+               "FLUX_FETCH_MIN_RATE": "0", "FLUX_LORA_BRANCH_RANK": "0", "FLUX_FETCH_DEADLINE_S": "0.001"}  # fmt: skip
 
 
 def test_every_setting_is_either_checked_or_free_text():
@@ -42,12 +47,30 @@ def test_every_setting_is_either_checked_or_free_text():
     assert not set(BAD_VALUES) & FREE_TEXT
 
 
-@pytest.mark.parametrize("name", sorted(BAD_VALUES))
-def test_a_bad_value_names_the_variable_the_value_and_what_it_accepts(name):
-    setting = next(s for s in SETTINGS if s.name == name)
+@pytest.mark.parametrize("name,value", [(name, value) for name, (values, _) in sorted(BAD_VALUES.items())
+                                        for value in values])  # fmt: skip
+def test_a_bad_value_names_the_variable_the_value_and_what_it_accepts(name, value):
+    default = {s.name: s.default for s in SETTINGS}[name]
     with pytest.raises(SetupError) as info:
-        Config.from_env({name: BAD_VALUES[name]})
-    assert str(info.value).startswith(f"{name}={BAD_VALUES[name]!r} is not valid: it accepts {setting.accepts}")
+        Config.from_env({name: value})
+    assert str(info.value) == f"{name}={value!r} is not valid: it accepts {BAD_VALUES[name][1]} (default {default!r})"
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_VALUES))
+def test_a_bounded_setting_accepts_its_edge(name):
+    Config.from_env({name: EDGE_VALUES[name]})
+
+
+def test_what_the_caller_passes_overrides_the_environment():
+    config = Config.from_env({"FLUX_FP8": "on", "FLUX_CONTEXT_PARALLEL": "4"}, FLUX_FP8="off")
+    assert config.fp8 == "off" and config.context_parallel == 4
+
+
+@pytest.mark.parametrize("value,read", [("ON", "on"), ("Off", "off"), ("TRUE", "on"), ("No", "off"), ("AUTO", "auto")])
+def test_switches_read_any_case(value, read):
+    assert Config.from_env({"FLUX_FP8": value}).fp8 == read
+    if read != "auto":
+        assert Config.from_env({"FLUX_LORA_OPERATOR_TOKENS": value}).lora_operator_tokens is (read == "on")
 
 
 @pytest.mark.parametrize(
@@ -67,7 +90,7 @@ def test_defaults_and_what_they_mean():
     config = Config.from_env({})
     assert config.weights_dir == Path("weights") and config.weights_base_url is None and config.hf_token is None
     assert config.context_parallel == 1 and config.lora_operator_tokens is False and config.device is None
-    assert config.fast == FastPathConfig()
+    assert config.fast == FastPathConfig.defaults()
     assert config.fetch_limits().deadline_s == 600 and config.fetch_limits(deadline=False).deadline_s is None
     assert config.fetch_policy.allowed == ()
 

@@ -96,12 +96,40 @@ def test_animated_gif_uses_the_first_frame(caplog):
     assert "is animated (2 frames): using the first" in caplog.text
 
 
-def test_exif_rotation_is_applied():
-    source = Image.new("RGB", (40, 20), (0, 255, 0))
+# EXIF orientation -> how the stored pixels (rows, columns) become the displayed picture, written
+# with numpy from the EXIF specification, not with Pillow's transposition
+ORIENTATIONS = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored left to right
+    3: lambda a: a[::-1, ::-1],  # turned half way
+    4: lambda a: a[::-1],  # mirrored top to bottom
+    5: lambda a: a.transpose(1, 0, 2),  # mirrored along the main diagonal
+    6: lambda a: np.rot90(a, -1),  # turned a quarter clockwise
+    7: lambda a: np.rot90(a, -1)[::-1],  # mirrored along the other diagonal
+    8: lambda a: np.rot90(a, 1),  # turned a quarter anticlockwise
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_exif_orientation_is_applied_pixel_for_pixel(orientation):
+    """An asymmetric picture (each pixel its own colour) stored losslessly with each orientation:
+    what load_image returns is the stored pixels turned as the orientation says."""
+    stored = np.random.default_rng(orientation).integers(0, 256, (20, 40, 3), dtype=np.uint8)
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    image = images.load_image(image_bytes(source, "JPEG", exif=exif))
-    assert image.size == (20, 40)
+    exif[0x0112] = orientation
+    image = images.load_image(image_bytes(Image.fromarray(stored), "PNG", exif=exif))
+    assert np.array_equal(np.asarray(image), np.ascontiguousarray(ORIENTATIONS[orientation](stored)))
+
+
+@pytest.mark.parametrize("side", [8400, 12300])  # about 70 and 150 megapixels
+def test_inputs_past_the_projects_own_limit_are_refused(side):
+    """Beyond 64 megapixels and below Pillow's own refusal (about 179): the project's limit says no,
+    before any pixel is decoded."""
+    with pytest.raises(InputError) as info:
+        images.load_image(png_header_only(side, side))
+    assert str(info.value) == (
+        f"input_image is {side}x{side} pixels, more than the 64 megapixels accepted; send a smaller image"
+    )
 
 
 @pytest.mark.parametrize("size", [(1, 1), (8, 8), (4000, 100)])
@@ -263,3 +291,19 @@ def test_mutated_files_load_or_fail_as_input_errors(kind):
             assert loaded.mode == "RGB"
             outcomes["loaded"] += 1
     assert outcomes["refused"] > 0 and sum(outcomes.values()) == 400
+
+
+def test_a_written_output_gets_the_mode_the_umask_gives(tmp_path):
+    """Not the private 0600 of the temporary file it was written to: readable where any file the
+    user writes is."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = images.save_image(random_image(8, 8), tmp_path / "o.png", "png")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        path = images.save_image(random_image(8, 8), tmp_path / "p.png", "png")
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

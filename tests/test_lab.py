@@ -156,3 +156,20 @@ def test_a_lora_trained_on_the_proxy_goes_through_the_product_path(tmp_path):
     assert set(report["psnr_to_target"]) == {"identity", "without_lora", "with_lora"}
     assert report["instruction"] == "make the background black"
     assert write_grid(result["samples"], tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_mutation_of_the_mutation_check_applies_to_the_tree(tmp_path):
+    """The list in flux/lab/mutations.py follows the code: each change finds its text, and made in
+    a copy it changes that copy only."""
+    from flux.lab import mutations
+
+    mutations.check_list()
+    mutation = mutations.MUTATIONS[0]
+    (tmp_path / mutation.file).parent.mkdir(parents=True)
+    original = (mutations.ROOT / mutation.file).read_text()
+    (tmp_path / mutation.file).write_text(original)
+    for file, *_ in mutation.more:
+        (tmp_path / file).write_text((mutations.ROOT / file).read_text())
+    mutations.apply(mutation, tmp_path)
+    assert mutation.new in (tmp_path / mutation.file).read_text()
+    assert (mutations.ROOT / mutation.file).read_text() == original

@@ -219,7 +219,7 @@ def test_a_drip_server_is_cut(tmp_path, limits, message):
         start = time.monotonic()
         with pytest.raises(outbound.TooSlow, match=message):
             outbound.download(f"{url}/slow.bin", tmp_path / "o.part", limits=limits, policy=fetch_policy())
-        assert time.monotonic() - start < 3.5
+        assert time.monotonic() - start < 15  # the body would take 2000 s
 
 
 def test_a_silent_server_is_cut_after_one_window(tmp_path):
@@ -233,7 +233,7 @@ def test_a_silent_server_is_cut_after_one_window(tmp_path):
             limits=outbound.FetchLimits(deadline_s=None, min_rate=0, window_s=1.0),
             policy=fetch_policy(),
         )
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < 15  # one window of 1 s, never the open-ended wait
 
 
 def test_a_compressed_body_is_read_as_sent(tmp_path):
@@ -340,7 +340,7 @@ def test_compressed_and_entry_bomb_tars_are_refused_quickly_in_bounded_memory(tm
         seconds = time.monotonic() - start
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    assert seconds < 5 and peak < 20e6, (seconds, peak)
+    assert seconds < 20 and peak < 20e6, (seconds, peak)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_file()]
 
 

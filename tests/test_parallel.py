@@ -183,8 +183,8 @@ def test_a_dead_or_hung_worker_fails_the_edit_clearly_within_the_deadline(tiny_w
     (first, first_s), (following, following_s) = report["first"], report["next"]
     assert said in first and "until it is restarted" in first, first
     assert "EditError" not in first
-    assert first_s < deadline_s + 5  # within the collective deadline
-    assert following == first and following_s < 1  # the next edit is told at once
+    assert first_s < deadline_s + 10  # within the collective deadline (and a loaded machine's delays)
+    assert following == first and following_s < deadline_s / 2  # told at once: no second wait for the deadline
     assert report["left"] == [False]
 
 
@@ -350,10 +350,10 @@ def test_cancel_mid_edit_leaves_every_rank_in_step(tmp_path):
     weights = make_tiny_weights(tmp_path / "weights", side=1024)  # about 1 MP outputs: slow enough steps
     uri = data_uri(image_bytes(random_image(64, 64)))
     with cog_server(weights, tmp_path, env={"FLUX_CONTEXT_PARALLEL": "2"}) as server:
-        inputs = {"prompt": "x", "input_image": uri, "num_inference_steps": 50}
-        response, seconds = server.cancel_after(4.0, "cancel-cp", inputs)
+        inputs = {"prompt": "x", "input_image": uri, "num_inference_steps": 50, "seed": 515151}
+        response, seconds = server.cancel_when(server.logged("seed 515151,"), "cancel-cp", inputs)
         assert response["status"] == "canceled", response
-        assert seconds < 3.0
+        assert seconds < 8.0  # within a step on every rank plus the response, with room for a loaded machine
         status, body = server.predict(prompt="x", input_image=uri, num_inference_steps=4, seed=0)
         assert body["status"] == "succeeded", body
         assert server.settled_health() == "READY"

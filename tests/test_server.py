@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from PIL import Image
@@ -122,10 +123,27 @@ def test_no_deprecation_warnings_at_start(server):
 
 
 def test_flagged_image_fails_over_http(flagging_weights, tmp_path, png_uri):
+    """Weights whose checker flags every image: the edit fails, unless the checker is turned off,
+    by this container's disable_safety_checker or by fal's enable_safety_checker=false."""
     with cog_server(flagging_weights, tmp_path) as flagged:
-        status, body = flagged.predict(prompt="x", input_image=png_uri, num_inference_steps=4, seed=1)
-        assert body["status"] == "failed" and body.get("output") is None
-        assert "safety checker flagged" in body["error"]
+        for checked in ({}, {"enable_safety_checker": True}):
+            status, body = flagged.predict(prompt="x", input_image=png_uri, num_inference_steps=4, seed=1, **checked)
+            assert body["status"] == "failed" and body.get("output") is None
+            assert "safety checker flagged" in body["error"]
+        for unchecked in ({"disable_safety_checker": True}, {"enable_safety_checker": False}):
+            status, body = flagged.predict(prompt="x", input_image=png_uri, num_inference_steps=4, seed=1, **unchecked)
+            assert body["status"] == "succeeded" and body["output"], (unchecked, body)
+
+
+def test_null_for_any_optional_input_is_refused_naming_it(server, png_uri):
+    """No input is nullable: a JSON null in any optional input is HTTP 422 naming that input, and
+    nothing runs."""
+    status, schema = server.get("/openapi.json")
+    optional = set(schema["components"]["schemas"]["Input"]["properties"]) - {"prompt", "input_image"}
+    assert len(optional) == len(INPUTS) - 2
+    for name in sorted(optional):
+        status, body = server.predict(prompt="x", input_image=png_uri, **{name: None})
+        assert status == 422 and name in json.dumps(body), (name, status, body)
 
 
 @pytest.mark.parametrize("seed", [-2, MAX_SEED + 1, 2**63, 2**64])
