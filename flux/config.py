@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from flux.errors import SetupError
@@ -26,10 +26,6 @@ SHAPE_POLICIES = ("dynamic", "static")
 
 
 # --- parsers: text -> value, or ValueError saying what is accepted -----------------------------
-
-
-def _text(raw: str) -> str:
-    return raw
 
 
 def _optional_text(raw: str) -> str | None:
@@ -198,16 +194,22 @@ _SECRETS = ("HF_TOKEN", "CIVITAI_API_TOKEN")
 
 @dataclass(frozen=True)
 class FastPathConfig:
-    """The settings of the transformer's fast path (runtime.prepare_transformer)."""
+    """The settings of the transformer's fast path (runtime.prepare_transformer), as ``Config.fast``
+    reads them (their defaults are the SETTINGS'; ``FastPathConfig.defaults`` gives them)."""
 
-    compile: str = "auto"
-    compile_backend: str = "inductor"
-    compile_shapes: str = "dynamic"
-    compile_mode: str = "default"
-    compile_cache: Path = Path(".cache/torch-compile")
-    fp8: str = "auto"
-    attention: str = "auto"
-    lora_branch_rank: int | None = None  # None: auto
+    compile: str
+    compile_backend: str
+    compile_shapes: str
+    compile_mode: str
+    compile_cache: Path
+    fp8: str
+    attention: str
+    lora_branch_rank: int | None  # None: auto
+
+    @staticmethod
+    def defaults(**changes: object) -> FastPathConfig:
+        """The settings' defaults, with ``changes``."""
+        return replace(Config.from_env({}).fast, **changes)
 
     def compiles_on(self, device_type: str) -> bool:
         return device_type == "cuda" if self.compile == "auto" else self.compile == "on"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -24,6 +24,7 @@ from flux import images, schedule, sizes
 from flux.device import release_memory, synchronize
 from flux.errors import EditError
 from flux.loading import Components
+from flux.report import EditReport, EditResult, LatentHook, StepCallback
 from flux.request import DEFAULT_ACCELERATION, DEFAULT_GUIDANCE, DEFAULT_MULTI_IMAGE_MODE, DEFAULT_STEPS
 
 log = logging.getLogger(__name__)
@@ -80,51 +81,6 @@ class LabOverrides:
     condition_size: tuple[int, int] | None = None
     # the side whose square the references share (sizes.reference_size); default: the model's
     reference_base: int | None = None
-
-
-@dataclass
-class EditReport:
-    """What an edit did: calls, forecasts and time per phase (seconds)."""
-
-    seed: int
-    acceleration: str
-    num_steps: int
-    transformer_calls: int = 0
-    forecast_steps: list[int] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-    timers: dict[str, float] = field(default_factory=dict)  # seconds in the transformer and in forecasts
-    cache_bytes: int = 0
-    loras: list[dict] = field(default_factory=list)  # the LoRAs merged for this edit (set by the pipeline)
-    keep_unedited: dict | None = None  # what keep_unedited did (set by the pipeline)
-
-    @property
-    def transformer_seconds(self) -> float:
-        return self.timers.get("transformer", 0.0)
-
-    @property
-    def forecast_seconds(self) -> float:
-        return self.timers.get("forecast", 0.0)
-
-    def all_seconds(self) -> dict[str, float]:
-        """Seconds per phase, and within denoise those in the transformer and in forecasts."""
-        return {**self.seconds, "transformer": self.transformer_seconds, "forecast": self.forecast_seconds}
-
-    def summary(self) -> str:
-        phases = ", ".join(f"{k} {v:.2f}s" for k, v in self.all_seconds().items())
-        return (
-            f"seed {self.seed}, acceleration {self.acceleration!r}: {self.transformer_calls} transformer calls, "
-            f"{len(self.forecast_steps)} forecast steps of {self.num_steps}; {phases}"
-        )
-
-
-@dataclass
-class EditResult:
-    image: Image.Image
-    latents: torch.Tensor
-    report: EditReport
-
-
-StepCallback = Callable[[int, int, bool], None]
 
 
 class _Timer:
@@ -328,25 +284,30 @@ def denoise(
     cache: ForecastCache,
     report: EditReport,
     on_step: StepCallback | None = None,
+    after_step: LatentHook | None = None,
 ) -> torch.Tensor:
     """The flow-matching Euler loop over ``len(sigmas) - 1`` steps: a computed step runs the
-    transformer and records its prediction in the cache, a skipped one is forecast by the cache."""
+    transformer and records its prediction in the cache, a skipped one is forecast by the cache.
+    ``after_step`` sees the latents after each step and may replace them."""
     sigma = sigmas.tolist()
     num_steps = len(sigma) - 1
     device = latents.device
     for i in range(num_steps):
         computed = step_map[i]
         if computed:
-            with _Timer(device, report.timers, "transformer"):
+            with _Timer(device, report.within_denoise, "transformer"):
                 prediction = predict(latents, i)
             report.transformer_calls += 1
             cache.update(prediction, float(i))
             report.cache_bytes = max(report.cache_bytes, cache.nbytes())
         else:
-            with _Timer(device, report.timers, "forecast"):
+            with _Timer(device, report.within_denoise, "forecast"):
                 prediction = cache.forecast(float(i))
             report.forecast_steps.append(i)
         latents = (latents.float() + (sigma[i + 1] - sigma[i]) * prediction.float()).to(latents.dtype)
+        if after_step is not None:
+            replaced = after_step(i, latents, sigma[i + 1])
+            latents = latents if replaced is None else replaced
         if on_step is not None:
             on_step(i, num_steps, computed)
     return latents
@@ -366,10 +327,11 @@ def edit(
     lab: LabOverrides | None = None,
     references: list[Image.Image] | None = None,
     transformer: TransformerCall | None = None,
+    after_step: LatentHook | None = None,
 ) -> EditResult:
     """Run one edit. ``image`` and ``references`` are RGB images (see ``images.load_image``).
     ``transformer``: how the transformer is called (the product's runtime, on one device or
-    several); default: ``components.transformer`` itself."""
+    several); default: ``components.transformer`` itself. ``after_step``: see ``denoise``."""
     references = references or []
     lab = lab or LabOverrides()
     call = transformer or (lambda **inputs: components.transformer(**inputs, return_dict=False))
@@ -385,7 +347,7 @@ def edit(
             inputs = prepare(components, image, plan, references, lab)
         with _Timer(components.device, seconds, "denoise"):
             prediction = transformer_prediction(components, inputs, call)
-            latents = denoise(prediction, inputs.latents, inputs.sigmas, step_map, cache, report, on_step)
+            latents = denoise(prediction, inputs.latents, inputs.sigmas, step_map, cache, report, on_step, after_step)
         _check_finite(latents, "final latents")
         with _Timer(components.device, seconds, "decode"):
             decoded = decode(components, latents, plan.width, plan.height)

@@ -172,10 +172,19 @@ class Credential:
         return f"Credential(domain={self.domain!r}, endpoints={self.endpoints!r})"
 
     def applies_to(self, url: httpx2.URL) -> bool:
-        if any(_origin(url) == _origin(httpx2.URL(e)) for e in self.endpoints if e):
-            return True
-        host = url.host.lower()
-        return url.scheme == "https" and (host == self.domain or host.endswith("." + self.domain))
+        """Sent to an origin the operator configured for it as it is; to the service's own domain
+        (or a dot-bounded subdomain) over https only."""
+        return serves(url, self.domain, self.endpoints) and (url.scheme == "https" or serves(url, "", self.endpoints))
+
+
+def serves(url: httpx2.URL, domain: str, endpoints: tuple[str, ...] = ()) -> bool:
+    """The one host rule for a service: ``url`` is the service's when its origin is one the
+    operator configured (scheme, host and port), or its host is ``domain`` or a dot-bounded
+    subdomain of it (``cdn.huggingface.co``, never ``evilhuggingface.co``)."""
+    if any(_origin(url) == _origin(httpx2.URL(e)) for e in endpoints if e):
+        return True
+    host = url.host.lower()
+    return bool(domain) and (host == domain or host.endswith("." + domain))
 
 
 # --- bounds ------------------------------------------------------------------------------------

@@ -43,8 +43,8 @@ import torch.distributed as dist
 from flux import sizes
 from flux.config import Config, set_library_default
 from flux.device import dtype_for, freeze_loaded_objects
-from flux.edit import StepCallback
 from flux.errors import EditError, SetupError
+from flux.report import StepCallback
 from flux.runtime import FastPath, LocalRuntime, LoraFile, LorasApplied, build_transformer
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class Workers:
         try:
             _send(command, payload, tensors, self.device)
         except Exception as exc:  # a collective that failed or timed out: a worker died or hangs
-            raise self.failed(exc) from None
+            raise self.record_failure(exc) from None
 
     def healthy(self) -> bool:
         return self.failure is None and all(p.poll() is None for p in self.processes)
@@ -142,7 +142,7 @@ class Workers:
         """Whether ``exc``, raised during an edit, is the group's: a collective failed or a worker is gone."""
         return isinstance(exc, dist.DistError) or any(p.poll() is not None for p in self.processes)
 
-    def failed(self, exc: BaseException) -> EditError:
+    def record_failure(self, exc: BaseException) -> EditError:
         """Record the group as broken (every later edit is refused at once) and say why."""
         dead = [str(p.pid) for p in self.processes if p.poll() is not None]
         what = f"exited (pid {', '.join(dead)})" if dead else "stopped answering"
@@ -198,7 +198,7 @@ class ParallelRuntime:
             self.workers.send(LORA, {"loras": [[str(f.path), f.source, f.strength, f.field] for f in files]}, [])
         return applied
 
-    def output_size(self, width: int, height: int, conditioning_tokens: int) -> tuple[int, int]:
+    def servable_size(self, width: int, height: int, conditioning_tokens: int) -> tuple[int, int]:
         """The nearest size whose tokens, with the conditioning's, split evenly over the ranks."""
         return sizes.divisible_output_size(width, height, conditioning_tokens, self.workers.size)
 
@@ -213,7 +213,7 @@ class ParallelRuntime:
             raise
         except RuntimeError as exc:
             if self.workers.is_failure(exc):
-                raise self.workers.failed(exc) from None
+                raise self.workers.record_failure(exc) from None
             raise
 
     def healthy(self) -> bool:
@@ -227,7 +227,7 @@ class ParallelRuntime:
             try:
                 return _gather_compiled_frames(self.workers.size, self.workers.device)
             except Exception as exc:
-                raise self.workers.failed(exc) from None
+                raise self.workers.record_failure(exc) from None
 
     def close(self) -> None:
         self.workers.close()

@@ -16,12 +16,13 @@ from flux import images, parallel, sizes, weights
 from flux.composite import keep_unedited
 from flux.config import Config
 from flux.device import dtype_for, freeze_loaded_objects, pick_device, release_memory
-from flux.edit import EditPlan, EditResult, StepCallback, base_side, edit
+from flux.edit import EditPlan, base_side, edit
 from flux.errors import EditError
 from flux.fast import warm_up_sizes
 from flux.fetch import FetchReport, WeightsRemote, fetch
 from flux.loading import Components, load_components
 from flux.lora_sources import LoraStore, describe
+from flux.report import EditResult, StepCallback
 from flux.request import MAX_SEED, EditRequest, check_frame_for_keep_unedited
 from flux.runtime import LoraFile, TransformerRuntime, start_local
 from flux.safety import SafetyChecker, is_flagged, load_safety_checker
@@ -123,7 +124,7 @@ def plan_edit(model: Model, request: EditRequest, image: Image.Image, references
     base = base_side(model.components)
     layout = sizes.conditioning_layout(image.size, [r.size for r in references], request.multi_image_mode, base)
     asked = sizes.output_size(request.aspect_ratio, *image.size, base)
-    width, height = model.runtime.output_size(*asked, layout.tokens)
+    width, height = model.runtime.servable_size(*asked, layout.tokens)
     seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
     return EditPlan(request.prompt, width, height, seed, request.num_steps, request.guidance, request.acceleration,
                     request.multi_image_mode, layout)  # fmt: skip
@@ -181,7 +182,7 @@ def _keep_unedited(original: Image.Image, result: EditResult) -> None:
     start = time.perf_counter()
     result.image, kept = keep_unedited(original, result.image)
     result.report.seconds["keep_unedited"] = time.perf_counter() - start
-    result.report.keep_unedited = {"changed_share": round(kept.changed_share, 4), "whole_edit": kept.whole}
+    result.report.keep_unedited = kept.metrics()
 
 
 def _refuse_if_flagged(safety: SafetyChecker, result: EditResult) -> None:

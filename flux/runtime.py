@@ -20,10 +20,10 @@ from typing import Protocol, TypeVar
 import torch
 
 from flux.config import FastPathConfig
-from flux.edit import StepCallback
 from flux.fast import Compiled, compile_transformer, fp8_supported, quantize_fp8, set_attention_backend
 from flux.loading import load_transformer
 from flux.lora import LoraState, install_branches
+from flux.report import StepCallback
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -149,7 +149,7 @@ class TransformerRuntime(Protocol):
 
     def __call__(self, **inputs: object) -> tuple[torch.Tensor, ...]: ...
     def apply_loras(self, files: Sequence[LoraFile]) -> LorasApplied: ...
-    def output_size(self, width: int, height: int, conditioning_tokens: int) -> tuple[int, int]: ...
+    def servable_size(self, width: int, height: int, conditioning_tokens: int) -> tuple[int, int]: ...
     def run(self, edit: Callable[[StepCallback | None], T], on_step: StepCallback | None) -> T: ...
     def healthy(self) -> bool: ...
     def compiled_frames(self) -> list[int]: ...
@@ -181,7 +181,7 @@ class LocalRuntime:
         applied.merge_seconds = self.loras.apply(wanted)
         return applied
 
-    def output_size(self, width: int, height: int, conditioning_tokens: int) -> tuple[int, int]:
+    def servable_size(self, width: int, height: int, conditioning_tokens: int) -> tuple[int, int]:
         """The output size this runtime serves for the one asked (on one device: that one)."""
         return width, height
 

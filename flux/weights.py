@@ -107,15 +107,3 @@ def describe_tree(weights_dir: str | Path, base: dict | None = None) -> dict:
     ]
     described["total_size"] = sum(f["size"] for f in described["files"])
     return described
-
-
-def write_tree_manifest(weights_dir: str | Path, description: str, **extra: object) -> Path:
-    """Record a generated tree's own files, so that it is checked like the real one (``extra``:
-    more of what the tree is, such as the instructions a proxy knows)."""
-    manifest = describe_tree(weights_dir)
-    manifest["model"] = description
-    manifest.update(extra)
-    manifest.pop("note", None)
-    target = Path(weights_dir) / TREE_MANIFEST_NAME
-    target.write_text(json.dumps(manifest, indent=2) + "\n")
-    return target

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flux.cog_schema import SNAPSHOT_PATH, openapi_schema, render, write_schema  # noqa: E402
+from flux.lab.cog_schema import SNAPSHOT_PATH, openapi_schema, render, write_schema  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

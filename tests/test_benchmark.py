@@ -11,7 +11,12 @@ from flux.lab.benchmark import components_for, run_benchmark, write_report
 
 def test_tiny_benchmark_report(tmp_path):
     components = components_for("tiny", torch.device("cpu"), torch.float32)
-    report = run_benchmark(components, "tiny", steps=28, repeats=1, log=lambda line: None)
+    lines = []
+    report = run_benchmark(components, "tiny", steps=28, repeats=2, log=lines.append)
+    # the second repeat runs the methods in the opposite order: none always runs first
+    order = [[line.split(": ", 1)[1].split(":")[0] for line in lines if line.startswith(f"  repeat {r}:")]
+             for r in (1, 2)]  # fmt: skip
+    assert len(order[0]) >= 6 and order[1] == order[0][::-1]
     paths = write_report(report, tmp_path)
     data = json.loads(paths["json"].read_text())
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

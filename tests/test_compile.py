@@ -79,7 +79,9 @@ def test_static_policy_compiles_per_size_which_is_why_it_is_not_the_default(tiny
     c = load_components(tiny_weights)
     torch._dynamo.reset()
     before = COUNTING.graphs
-    compile_transformer(c.transformer, FastPathConfig(compile_backend="flux_test_counting", compile_shapes="static"))
+    compile_transformer(
+        c.transformer, FastPathConfig.defaults(compile_backend="flux_test_counting", compile_shapes="static")
+    )
     settings = dict(prompt="x", seed=1, num_steps=4)
     for width, height in [(32, 32), (48, 32), (32, 64)]:
         edit(c, random_image(width, height), EditPlan(width=width, height=height, **settings),
@@ -107,7 +109,7 @@ def test_inductor_compiles_real_code_at_two_sizes_and_matches_eager(tiny_weights
         eager[(width, height)] = edit(c, image, EditPlan(width=width, height=height, **settings), lab=pinned).latents
     torch._dynamo.reset()
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compile_transformer(c.transformer, FastPathConfig(compile_backend="inductor"))
+    compile_transformer(c.transformer, FastPathConfig.defaults(compile_backend="inductor"))
     for i, (width, height) in enumerate(cases):
         image = random_image(width, height, seed=width)
         pinned = LabOverrides(condition_size=(width, height))

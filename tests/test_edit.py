@@ -6,6 +6,7 @@ import json
 
 import torch
 
+import taylor_utils
 from flux import weights
 from flux.edit import EditPlan, LabOverrides, edit
 from flux.lab import architecture
@@ -101,3 +102,37 @@ def test_conditioning_tokens_are_appended_with_first_coordinate_one(components):
     assert seen["hidden"][1] == target + cond
     assert torch.all(seen["ids"][:target, 0] == 0)
     assert torch.all(seen["ids"][target:, 0] == 1)
+
+
+def test_the_hook_after_each_step_sees_the_state_and_may_replace_it(components):
+    """Without a hook, or with one that returns None, the edit is the same bit for bit; the hook
+    sees every step's latents and the sigma they are at; what it returns is what the loop goes on
+    from (here: the latents set back to the start's after the first step)."""
+    import math
+
+    from flux.edit import denoise
+    from flux.report import EditReport
+
+    image = random_image(64, 64, seed=3)
+    plan = small(width=64, height=64, num_steps=6, acceleration="go fast")
+    plain = edit(components, image, plan)
+    seen = []
+    watched = edit(components, image, plan, after_step=lambda i, latents, sigma: seen.append((i, sigma)))
+    assert torch.equal(plain.latents, watched.latents) and plain.image.tobytes() == watched.image.tobytes()
+    assert [i for i, _ in seen] == list(range(6)) and seen[-1][1] == 0.0
+    assert all(a > b for (_, a), (_, b) in zip(seen, seen[1:], strict=False))  # the sigmas fall step by step
+
+    # the loop itself, on a prediction that records what it was given
+    start = torch.zeros(1, 4, 2)
+    given = []
+
+    def predict(latents, i):
+        given.append(latents.clone())
+        return torch.ones_like(latents)
+
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    cache = taylor_utils.TaylorCache(n_derivatives=1)
+    reset = denoise(predict, start, sigmas, [True] * 4, cache, EditReport(0, "none", 4),
+                    after_step=lambda i, latents, sigma: start.clone() if i == 0 else None)  # fmt: skip
+    assert torch.equal(given[1], start)  # the second step began from what the hook returned
+    assert math.isclose(float(reset[0, 0, 0]), -0.75)  # three steps of -0.25 after the reset

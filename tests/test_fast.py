@@ -17,7 +17,7 @@ def test_everything_is_off_on_the_cpu(tiny_weights):
     c = load_components(tiny_weights)
     before = {k: v.clone() for k, v in c.transformer.state_dict().items()}
     forward = c.transformer.forward
-    decided = prepare_transformer(c.transformer, c.device, c.dtype, FastPathConfig(fp8="on"))
+    decided = prepare_transformer(c.transformer, c.device, c.dtype, FastPathConfig.defaults(fp8="on"))
     assert decided == FastPath() and decided.summary() == {}
     assert c.transformer._compiled_call_impl is None
     assert c.transformer.forward == forward
@@ -46,7 +46,7 @@ def test_forecasts_never_recompile_the_compiled_transformer(tiny_weights):
 
 def test_settings_defaults_bound_the_first_cold_start():
     settings = Config.from_env({}).fast
-    assert settings == FastPathConfig()
+    assert settings == FastPathConfig.defaults()
     # max-autotune tunes kernels for minutes on a cache-less first start; it stays an opt-in; the
     # default shape policy is the one that cannot compile during a request
     assert settings.compile == "auto" and settings.compile_mode == "default" and settings.fp8 == "auto"

@@ -277,7 +277,7 @@ def test_swapping_loras_and_strengths_never_compiles(tiny_weights, tmp_path, how
     if rank:
         lora.install_branches(c.transformer, rank, c.dtype)
     torch._dynamo.reset()
-    compile_transformer(c.transformer, FastPathConfig(compile_backend="flux_test_counting"))
+    compile_transformer(c.transformer, FastPathConfig.defaults(compile_backend="flux_test_counting"))
     state = lora.LoraState(c.transformer, branch_rank=rank)
     low = lora.convert(
         write_lora(tmp_path / "r4.safetensors", make_lora(c.transformer, "peft", rank=4)), "r4", c.transformer

@@ -102,7 +102,7 @@ def _fake_edit(components, image, plan, on_step=None, references=None, transform
     """The edit itself is tested elsewhere; here only the adapter's file handling is."""
     import torch
 
-    from flux.edit import EditReport, EditResult
+    from flux.report import EditReport, EditResult
 
     report = EditReport(seed=plan.seed, acceleration=plan.acceleration, num_steps=plan.num_steps)
     return EditResult(image=Image.new("RGB", (16, 16)), latents=torch.zeros(1), report=report)

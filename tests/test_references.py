@@ -133,7 +133,7 @@ def test_bad_references_fail_clearly(tmp_path, data, message):
 def test_references_never_compile_during_a_request(tmp_path):
     c = load_components(PROXY_DIR)
     torch._dynamo.reset()
-    compile_transformer(c.transformer, FastPathConfig(compile_backend="flux_test_counting"))
+    compile_transformer(c.transformer, FastPathConfig.defaults(compile_backend="flux_test_counting"))
     settings = EditPlan("make the circle red", 64, 64, seed=1, num_steps=4)
     edit(c, random_image(64, 64), settings)  # the warm-up: compiles
     edit(c, random_image(64, 64), settings, references=[WIDE])

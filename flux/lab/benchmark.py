@@ -285,11 +285,13 @@ def run_benchmark(
 
     results: list[MethodResult] = []
     outputs: dict[tuple[str, str], dict] = {}
-    # interleave the repeats so that a slow moment of the machine is shared between methods
+    # interleave the repeats so that a slow moment of the machine is shared between methods, and
+    # reverse the order every other repeat so that no method always runs first (or after another's
+    # leftovers in the caches)
     runs: dict[tuple[str, str], list[dict]] = {(m, lv): [] for m, lv, _ in methods}
     errors: dict[tuple[str, str], str] = {}
     for r in range(repeats):
-        for method, level, fn in methods:
+        for method, level, fn in methods if r % 2 == 0 else methods[::-1]:
             if (method, level) in errors:
                 continue
             try:

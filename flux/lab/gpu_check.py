@@ -173,7 +173,7 @@ def _build(preset: str, device: torch.device):
 def _model(c, runtime: TransformerRuntime | None = None, config: Config | None = None) -> Model:
     """The components as the pipeline holds them (what ``warm_up`` takes)."""
     config = config or Config.from_env()
-    return Model(config, c, runtime or LocalRuntime(c.transformer), None, LoraStore(), {})
+    return Model(config, c, runtime or LocalRuntime(c.transformer), None, LoraStore.from_config(config), {})
 
 
 def _shipped(**changes: object) -> FastPathConfig:

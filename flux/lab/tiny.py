@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flux.lab import architecture as arch
-from flux.weights import write_tree_manifest
+from flux.weights import TREE_MANIFEST_NAME, describe_tree
 
 TINY_TRANSFORMER = {
     "attention_head_dim": 16,
@@ -54,6 +54,18 @@ _CORPUS = (
     "rotate the picture 90 degrees. change the background to blue. add a hat to the cat. "
     "turn the sky orange and make it look like a painting. a photo of a dog on the beach."
 )
+
+
+def write_tree_manifest(weights_dir: str | Path, description: str, **extra: object) -> Path:
+    """Record a generated tree's own files, so that it is checked like the real one (``extra``:
+    more of what the tree is, such as the instructions a proxy knows)."""
+    manifest = describe_tree(weights_dir)
+    manifest["model"] = description
+    manifest.update(extra)
+    manifest.pop("note", None)
+    target = Path(weights_dir) / TREE_MANIFEST_NAME
+    target.write_text(json.dumps(manifest, indent=2) + "\n")
+    return target
 
 
 def _bytes_to_unicode() -> list[str]:
