@@ -1,7 +1,7 @@
 """The mutation check: each listed change to the product (flux/lab/mutations.py) is made in a copy
 of the tree, and the tests paired with it must fail there. Exit status 1 when a mutation survives.
 
-python scripts/mutation_check.py                  # every mutation (about 15 minutes on 2 cores)
+python scripts/mutation_check.py                  # every mutation (about 2 minutes on 2 cores)
 python scripts/mutation_check.py --only exif      # the mutations whose name contains the text
 python scripts/mutation_check.py --list           # the list, checked against the tree, nothing run
 """
