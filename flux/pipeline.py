@@ -126,8 +126,9 @@ def plan_edit(model: Model, request: EditRequest, image: Image.Image, references
     asked = sizes.output_size(request.aspect_ratio, *image.size, base)
     width, height = model.runtime.servable_size(*asked, layout.tokens)
     seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
-    return EditPlan(request.prompt, width, height, seed, request.num_steps, request.guidance, request.acceleration,
-                    request.multi_image_mode, layout)  # fmt: skip
+    return EditPlan(prompt=request.prompt, width=width, height=height, seed=seed, num_steps=request.num_steps,
+                    guidance=request.guidance, acceleration=request.acceleration,
+                    multi_image_mode=request.multi_image_mode, layout=layout)  # fmt: skip
 
 
 def use_loras(model: Model, request: EditRequest) -> tuple[list[dict], dict[str, float]]:
