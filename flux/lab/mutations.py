@@ -182,11 +182,16 @@ def apply(mutation: Mutation, tree: Path) -> None:
     the list (the product moved on), not a surviving mutation."""
     for file, old, new in _changes(mutation):
         path = tree / file
-        text = path.read_text()
-        found = text.count(old)
-        if found != mutation.count:
-            raise ValueError(f"{mutation.name}: {old!r} occurs {found} times in {file}, not {mutation.count}")
-        path.write_text(text.replace(old, new))
+        path.write_text(_checked_text(mutation, path, file, old).replace(old, new))
+
+
+def _checked_text(mutation: Mutation, path: Path, file: str, old: str) -> str:
+    """The text of ``path``, where ``old`` occurs as often as the mutation says (a ValueError otherwise)."""
+    text = path.read_text()
+    found = text.count(old)
+    if found != mutation.count:
+        raise ValueError(f"{mutation.name}: {old!r} occurs {found} times in {file}, not {mutation.count}")
+    return text
 
 
 def _changes(mutation: Mutation) -> tuple[tuple[str, str, str], ...]:
@@ -213,8 +218,7 @@ def check_list() -> None:
     """Every mutation applies to the tree as it is."""
     for mutation in MUTATIONS:
         for file, old, _ in _changes(mutation):
-            if (ROOT / file).read_text().count(old) != mutation.count:
-                raise ValueError(f"{mutation.name}: {old!r} not found {mutation.count} times in {file}")
+            _checked_text(mutation, ROOT / file, file, old)
 
 
 def markdown(outcomes: list[Outcome]) -> str:
