@@ -25,7 +25,6 @@ from flux.device import release_memory, synchronize
 from flux.errors import EditError
 from flux.loading import Components
 from flux.report import EditReport, EditResult, LatentHook, StepCallback
-from flux.request import DEFAULT_ACCELERATION, DEFAULT_GUIDANCE, DEFAULT_MULTI_IMAGE_MODE, DEFAULT_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +35,28 @@ DEFAULT_N_DERIVATIVES = 2
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How the loop runs: its number of steps, the guidance the transformer is given, the
+    acceleration level (which steps run the transformer)."""
+
+    num_steps: int
+    guidance: float
+    acceleration: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class EditPlan:
     """One edit as it will run, everything decided: the prompt (clean), the output size, the seed,
-    the schedule and the conditioning layout (None: derived from the images, see ``prepare``).
-    What a caller may ask for is checked before, in ``flux.request``."""
+    how it samples and where the conditioning images go. What a caller may ask for is checked
+    before, in ``flux.request``; the plan is made by ``flux.pipeline.plan_edit`` (the lab makes its
+    own, ``flux.lab.plans``)."""
 
     prompt: str
     width: int
     height: int
     seed: int
-    num_steps: int = DEFAULT_STEPS
-    guidance: float = DEFAULT_GUIDANCE
-    acceleration: str = DEFAULT_ACCELERATION
-    multi_image_mode: str = DEFAULT_MULTI_IMAGE_MODE
-    layout: sizes.ConditioningLayout | None = None
+    sampling: Sampling
+    layout: sizes.ConditioningLayout
 
     def __post_init__(self) -> None:
         if self.width % sizes.MULTIPLE or self.height % sizes.MULTIPLE:
@@ -76,11 +83,6 @@ class LabOverrides:
     # default: the acceleration level's map; else a computed-step map of length num_steps (a
     # sequence the loop reads once per step, in order, so it may decide as the loop goes)
     step_map: Sequence[bool] | None = None
-    # (width, height) of the conditioning image; default: the preferred Kontext resolution (for a
-    # plan without a layout)
-    condition_size: tuple[int, int] | None = None
-    # the side whose square the references share (sizes.reference_size); default: the model's
-    reference_base: int | None = None
 
 
 class _Timer:
@@ -176,20 +178,19 @@ def offset_placements(grids: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def encode_conditioning(
-    components: Components, image: Image.Image, references: list[Image.Image], mode: str,
-    layout: sizes.ConditioningLayout,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    components: Components, image: Image.Image, references: list[Image.Image], layout: sizes.ConditioningLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The conditioning tokens (1, M, 64) and their ids (M, 3): the input image and the references at
-    their ``layout`` sizes. "offset": first coordinate 1, each image placed beside or below on a
+    their ``layout`` sizes, in its mode. "offset": first coordinate 1, each image placed beside or below on a
     growing canvas; "index": reference k with first coordinate k + 1; "stitch": everything joined
     side by side into one image."""
     first = images.resize(image, *layout.condition)
     if not references:
         return encode_image(components, first)
     parts = [first] + [images.resize(r, *size) for r, size in zip(references, layout.references, strict=True)]
-    if mode == "stitch":
+    if layout.mode == "stitch":
         return encode_image(components, images.stitch(parts, layout.stitched))
-    if mode == "index":
+    if layout.mode == "index":
         encoded = [encode_image(components, part, first=1.0 + k) for k, part in enumerate(parts)]
     else:
         grids = [(p.height // sizes.MULTIPLE, p.width // sizes.MULTIPLE) for p in parts]
@@ -228,23 +229,17 @@ class LoopInputs:
     guidance: torch.Tensor | None
 
 
-def prepare(
-    components: Components, image: Image.Image, plan: EditPlan, references: list[Image.Image], lab: LabOverrides
-) -> LoopInputs:
+def prepare(components: Components, image: Image.Image, plan: EditPlan, references: list[Image.Image]) -> LoopInputs:
     """Encode the prompt and the conditioning images, draw the noise, lay out the positions and the sigmas."""
     prompt_embeds, pooled, text_ids = encode_prompt(components, plan.prompt)
-    layout = plan.layout or sizes.conditioning_layout(
-        image.size, [r.size for r in references], plan.multi_image_mode, base_side(components), lab.condition_size,
-        lab.reference_base,
-    )  # fmt: skip
-    image_latents, image_ids = encode_conditioning(components, image, references, plan.multi_image_mode, layout)
+    image_latents, image_ids = encode_conditioning(components, image, references, plan.layout)
     latents = initial_noise(components, plan.seed, plan.width, plan.height)
     rows, columns = plan.height // sizes.MULTIPLE, plan.width // sizes.MULTIPLE
     ids = torch.cat([position_ids(rows, columns, 0.0, components.device, components.dtype), image_ids], dim=0)
     guidance = None
     if components.transformer.config.guidance_embeds:
-        guidance = torch.full([1], plan.guidance, device=components.device, dtype=torch.float32)
-    sigmas = schedule.sigmas_for(components.scheduler, plan.num_steps, latents.shape[1])
+        guidance = torch.full([1], plan.sampling.guidance, device=components.device, dtype=torch.float32)
+    sigmas = schedule.sigmas_for(components.scheduler, plan.sampling.num_steps, latents.shape[1])
     return LoopInputs(latents, image_latents, ids, prompt_embeds, pooled, text_ids, sigmas, guidance)
 
 
@@ -323,30 +318,31 @@ def edit(
     components: Components,
     image: Image.Image,
     plan: EditPlan,
+    *,
+    transformer: TransformerCall,
     on_step: StepCallback | None = None,
     lab: LabOverrides | None = None,
     references: list[Image.Image] | None = None,
-    transformer: TransformerCall | None = None,
     after_step: LatentHook | None = None,
 ) -> EditResult:
     """Run one edit. ``image`` and ``references`` are RGB images (see ``images.load_image``).
     ``transformer``: how the transformer is called (the product's runtime, on one device or
-    several); default: ``components.transformer`` itself. ``after_step``: see ``denoise``."""
+    several; the lab's ``flux.lab.plans.direct``). ``after_step``: see ``denoise``."""
     references = references or []
     lab = lab or LabOverrides()
-    call = transformer or (lambda **inputs: components.transformer(**inputs, return_dict=False))
-    report = EditReport(seed=plan.seed, acceleration=plan.acceleration, num_steps=plan.num_steps)
+    sampling = plan.sampling
+    report = EditReport(seed=plan.seed, acceleration=sampling.acceleration, num_steps=sampling.num_steps)
     seconds = report.seconds
     cache = lab.cache or taylor_utils.TaylorCache(n_derivatives=DEFAULT_N_DERIVATIVES)
     cache.reset()
-    step_map = lab.step_map or taylor_utils.compute_step_map(plan.acceleration, plan.num_steps)
-    if len(step_map) != plan.num_steps:
-        raise ValueError(f"a step map needs {plan.num_steps} entries; got {len(step_map)}")
+    step_map = lab.step_map or taylor_utils.compute_step_map(sampling.acceleration, sampling.num_steps)
+    if len(step_map) != sampling.num_steps:
+        raise ValueError(f"a step map needs {sampling.num_steps} entries; got {len(step_map)}")
     try:
         with _Timer(components.device, seconds, "encode"):
-            inputs = prepare(components, image, plan, references, lab)
+            inputs = prepare(components, image, plan, references)
         with _Timer(components.device, seconds, "denoise"):
-            prediction = transformer_prediction(components, inputs, call)
+            prediction = transformer_prediction(components, inputs, transformer)
             latents = denoise(prediction, inputs.latents, inputs.sigmas, step_map, cache, report, on_step, after_step)
         _check_finite(latents, "final latents")
         with _Timer(components.device, seconds, "decode"):

@@ -37,10 +37,7 @@ def load_image(source: str | os.PathLike | bytes, name: str = "input_image", red
     usable jpeg, png, gif or webp image, whatever the decoder raised. ``reduce``: decode a large
     JPEG at a reduced scale (the edit resizes it to about 1 MP anyway); False for every pixel.
     """
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    if not data:
-        raise InputError(f"{name} is empty (0 bytes)", name)
-    image = _identify(data, name)
+    image = _identify(_read(source, name), name)
     try:
         return _decode(image, name, reduce)
     except MemoryError:
@@ -50,6 +47,19 @@ def load_image(source: str | os.PathLike | bytes, name: str = "input_image", red
         raise InputError(
             f"{name} could not be decoded: its {image.format} data is truncated or corrupt", name
         ) from None
+
+
+def header_size(source: str | os.PathLike | bytes, name: str = "input_image") -> tuple[int, int]:
+    """(width, height) as the image's header declares it, before EXIF rotation, no pixel decoded;
+    checked as ``load_image`` checks it."""
+    return _identify(_read(source, name), name).size
+
+
+def _read(source: str | os.PathLike | bytes, name: str) -> bytes:
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if not data:
+        raise InputError(f"{name} is empty (0 bytes)", name)
+    return data
 
 
 def _identify(data: bytes, name: str) -> Image.Image:

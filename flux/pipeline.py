@@ -16,14 +16,14 @@ from flux import images, parallel, sizes, weights
 from flux.composite import keep_unedited
 from flux.config import Config
 from flux.device import dtype_for, freeze_loaded_objects, pick_device, release_memory
-from flux.edit import EditPlan, base_side, edit
+from flux.edit import EditPlan, Sampling, base_side, edit
 from flux.errors import EditError
 from flux.fast import warm_up_sizes
 from flux.fetch import FetchReport, WeightsRemote, fetch
 from flux.loading import Components, load_components
 from flux.lora_sources import LoraStore, describe
 from flux.report import EditResult, StepCallback
-from flux.request import MAX_SEED, EditRequest, check_frame_for_keep_unedited
+from flux.request import DEFAULT_GUIDANCE, DEFAULT_MULTI_IMAGE_MODE, MAX_SEED, EditRequest
 from flux.runtime import LoraFile, TransformerRuntime, start_local
 from flux.safety import SafetyChecker, is_flagged, load_safety_checker
 
@@ -110,10 +110,13 @@ def load_model(config: Config, with_safety: bool = True, warm: bool = True) -> M
 def warm_up(model: Model, output_sizes: list[tuple[int, int]]) -> float:
     """One short edit per output size (with a same-sized input), so compiled kernels exist before the first request."""
     start = time.perf_counter()
+    base = base_side(model.components)
     for width, height in output_sizes:
         image = Image.new("RGB", (width, height), (128, 128, 128))
-        edit(model.components, image, EditPlan("warm up", width, height, seed=0, num_steps=4),
-             transformer=model.runtime)  # fmt: skip
+        layout = sizes.conditioning_layout(image.size, [], DEFAULT_MULTI_IMAGE_MODE, base)
+        plan = EditPlan(prompt="warm up", width=width, height=height, seed=0,
+                        sampling=Sampling(4, DEFAULT_GUIDANCE, "none"), layout=layout)  # fmt: skip
+        edit(model.components, image, plan, transformer=model.runtime)
     model.seconds["warm_up"] = time.perf_counter() - start
     return model.seconds["warm_up"]
 
@@ -126,9 +129,8 @@ def plan_edit(model: Model, request: EditRequest, image: Image.Image, references
     asked = sizes.output_size(request.aspect_ratio, *image.size, base)
     width, height = model.runtime.servable_size(*asked, layout.tokens)
     seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
-    return EditPlan(prompt=request.prompt, width=width, height=height, seed=seed, num_steps=request.num_steps,
-                    guidance=request.guidance, acceleration=request.acceleration,
-                    multi_image_mode=request.multi_image_mode, layout=layout)  # fmt: skip
+    sampling = Sampling(request.num_steps, request.guidance, request.acceleration)
+    return EditPlan(prompt=request.prompt, width=width, height=height, seed=seed, sampling=sampling, layout=layout)
 
 
 def use_loras(model: Model, request: EditRequest) -> tuple[list[dict], dict[str, float]]:
@@ -156,13 +158,11 @@ def run_edit(model: Model, request: EditRequest, on_step: StepCallback | None = 
     With ``keep_unedited`` the input is decoded at full size and the edit put back into it."""
     try:
         image = images.load_image(request.image, reduce=not request.keep_unedited)
-        if request.keep_unedited:
-            check_frame_for_keep_unedited(*image.size)
         references = [images.load_image(r, f"reference_images[{i}]") for i, r in enumerate(request.references)]
         plan = plan_edit(model, request, image, references)
         lora_report, lora_seconds = use_loras(model, request)
         log.info("seed %d, %dx%d output, acceleration %r, %d steps", plan.seed, plan.width, plan.height,
-                 plan.acceleration, plan.num_steps)  # fmt: skip
+                 plan.sampling.acceleration, plan.sampling.num_steps)  # fmt: skip
         result = model.runtime.run(
             lambda step: edit(model.components, image, plan, on_step=step, references=references,
                               transformer=model.runtime),

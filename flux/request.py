@@ -1,6 +1,6 @@
 """What a caller asks for: one ``EditRequest``, built by predict.py and by the command line from their
 inputs, checked once when it is made (every bound a request has is here) without touching the
-model or decoding an image, and passed whole to ``flux.pipeline.run_edit``.
+model or decoding an image's pixels, and passed whole to ``flux.pipeline.run_edit``.
 
 ``INPUTS`` is what a caller may send, with defaults and bounds; ``request_from`` turns what was
 sent into a request, for predict.py and the command line alike.
@@ -161,7 +161,8 @@ def _check(name: str, value: object) -> None:
 
 def _frames_correspond(request: EditRequest) -> None:
     """keep_unedited puts the edit back into the original's frame: only where the output is that
-    frame (match_input_image), and not where the conditioning joins several images into one."""
+    frame (match_input_image, an input within 21:9 and 9:21), and not where the conditioning joins
+    several images into one."""
     if request.aspect_ratio != sizes.MATCH_INPUT:
         raise InputError(
             f"keep_unedited needs aspect_ratio match_input_image: with {request.aspect_ratio} the output is another "
@@ -174,10 +175,9 @@ def _frames_correspond(request: EditRequest) -> None:
             "side by side, so its output does not lie over the input image's frame; use offset or index",
             "keep_unedited",
         )
-
-
-def check_frame_for_keep_unedited(width: int, height: int) -> None:
-    """An input more extreme than 21:9 or 9:21 is edited at that clamped ratio: its output is not its frame."""
+    # an input more extreme than 21:9 or 9:21 is edited at that clamped ratio (the range is the same
+    # both ways, so the header's size answers before any EXIF rotation)
+    width, height = images.header_size(request.image, "input_image")
     if not sizes.MIN_RATIO <= width / height <= sizes.MAX_RATIO:
         raise InputError(
             f"keep_unedited cannot be used with this {width}x{height} input: it is wider or taller than 21:9, so it "

@@ -121,11 +121,12 @@ def stitched_size(parts: list[tuple[int, int]], base: int = BASE_SIDE) -> tuple[
 
 @dataclass(frozen=True)
 class ConditioningLayout:
-    """The conditioning images' sizes: the input image's, each reference's (the references share one
-    image's token budget), and in stitch mode with references the size of the one image they are
-    all joined into. Decided once (``conditioning_layout``) and used by the edit and by the
-    several-device split alike."""
+    """Where the conditioning images go (``mode``, one of the multi-image modes) and their sizes: the
+    input image's, each reference's (the references share one image's token budget), and in stitch
+    mode with references the size of the one image they are all joined into. Decided once
+    (``conditioning_layout``) and used by the edit and by the several-device split alike."""
 
+    mode: str
     condition: tuple[int, int]
     references: tuple[tuple[int, int], ...] = ()
     stitched: tuple[int, int] | None = None
@@ -153,7 +154,7 @@ def conditioning_layout(
     condition = condition or conditioning_size(*input_size, base)
     references = tuple(reference_size(w, h, len(reference_sizes), side) for w, h in reference_sizes)
     stitched = stitched_size([condition, *references], side) if mode == "stitch" and references else None
-    return ConditioningLayout(condition, references, stitched)
+    return ConditioningLayout(mode, condition, references, stitched)
 
 
 def divisible_output_size(width: int, height: int, other_tokens: int, ranks: int) -> tuple[int, int]:

@@ -12,8 +12,9 @@ import torch._dynamo
 import taylor_utils
 from flux import sizes
 from flux.config import FastPathConfig
-from flux.edit import EditPlan, LabOverrides, edit
+from flux.edit import edit
 from flux.fast import compile_transformer, warm_up_sizes
+from flux.lab.plans import direct, lab_plan
 from flux.loading import load_components
 from tests.conftest import random_image
 from tests.counting import COUNTING
@@ -84,8 +85,9 @@ def test_static_policy_compiles_per_size_which_is_why_it_is_not_the_default(tiny
     )
     settings = dict(prompt="x", seed=1, num_steps=4)
     for width, height in [(32, 32), (48, 32), (32, 64)]:
-        edit(c, random_image(width, height), EditPlan(width=width, height=height, **settings),
-             lab=LabOverrides(condition_size=(width, height)))  # fmt: skip
+        image = random_image(width, height)
+        plan = lab_plan(c, image, width=width, height=height, **settings, condition=(width, height))
+        edit(c, image, plan, transformer=direct(c))
     assert COUNTING.graphs - before == 3
     torch._dynamo.reset()
 
@@ -105,17 +107,17 @@ def test_inductor_compiles_real_code_at_two_sizes_and_matches_eager(tiny_weights
     settings = dict(prompt="make it red", seed=3, num_steps=4, acceleration="none")
     for width, height in cases:
         image = random_image(width, height, seed=width)
-        pinned = LabOverrides(condition_size=(width, height))
-        eager[(width, height)] = edit(c, image, EditPlan(width=width, height=height, **settings), lab=pinned).latents
+        plan = lab_plan(c, image, width=width, height=height, **settings, condition=(width, height))
+        eager[(width, height)] = edit(c, image, plan, transformer=direct(c)).latents
     torch._dynamo.reset()
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compile_transformer(c.transformer, FastPathConfig.defaults(compile_backend="inductor"))
     for i, (width, height) in enumerate(cases):
         image = random_image(width, height, seed=width)
-        pinned = LabOverrides(condition_size=(width, height))
+        plan = lab_plan(c, image, width=width, height=height, **settings, condition=(width, height))
         # the first size compiles; the second must run on what was compiled
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
-            compiled = edit(c, image, EditPlan(width=width, height=height, **settings), lab=pinned).latents
+            compiled = edit(c, image, plan, transformer=direct(c)).latents
         assert (compiled - eager[(width, height)]).abs().max().item() <= 1e-4
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before >= 1
     assert c.transformer._compiled_call_impl is not None

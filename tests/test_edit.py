@@ -8,16 +8,17 @@ import torch
 
 import taylor_utils
 from flux import weights
-from flux.edit import EditPlan, LabOverrides, edit
+from flux.edit import EditPlan, edit
 from flux.lab import architecture
+from flux.lab.plans import direct, lab_plan
 from flux.lab.tiny import make_tiny_weights
 from tests.conftest import random_image
 
 
-def small(**kw) -> EditPlan:
+def small(components, image, **kw) -> EditPlan:
     base = dict(prompt="make the circle red", width=96, height=64, seed=42, num_steps=8, acceleration="none")
     base.update(kw)
-    return EditPlan(**base)
+    return lab_plan(components, image, **base)
 
 
 def test_tiny_weights_have_the_real_layout(tiny_weights):
@@ -50,7 +51,7 @@ def test_parity_with_diffusers_pipeline(components):
 
     c = components
     image = random_image(96, 64, seed=3)
-    ours = edit(c, image, small(), lab=LabOverrides(condition_size=(96, 64))).latents
+    ours = edit(c, image, small(c, image, condition=(96, 64)), transformer=direct(c)).latents
     pipe = FluxKontextPipeline(
         scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
         text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2, transformer=c.transformer,
@@ -66,9 +67,9 @@ def test_parity_with_diffusers_pipeline(components):
 
 def test_same_seed_same_bytes_and_different_seeds_differ(components):
     image = random_image(80, 80, seed=1)
-    a = edit(components, image, small(seed=7, width=64, height=64))
-    b = edit(components, image, small(seed=7, width=64, height=64))
-    c = edit(components, image, small(seed=8, width=64, height=64))
+    a = edit(components, image, small(components, image, seed=7, width=64, height=64), transformer=direct(components))
+    b = edit(components, image, small(components, image, seed=7, width=64, height=64), transformer=direct(components))
+    c = edit(components, image, small(components, image, seed=8, width=64, height=64), transformer=direct(components))
     assert a.image.tobytes() == b.image.tobytes()
     assert torch.equal(a.latents, b.latents)
     assert not torch.equal(a.latents, c.latents)
@@ -76,8 +77,12 @@ def test_same_seed_same_bytes_and_different_seeds_differ(components):
 
 def test_seed_zero_is_a_real_seed(components):
     image = random_image(64, 64)
-    zero = edit(components, image, small(seed=0, width=64, height=64))
-    again = edit(components, image, small(seed=0, width=64, height=64))
+    zero = edit(
+        components, image, small(components, image, seed=0, width=64, height=64), transformer=direct(components)
+    )
+    again = edit(
+        components, image, small(components, image, seed=0, width=64, height=64), transformer=direct(components)
+    )
     assert torch.equal(zero.latents, again.latents)
     assert zero.report.seed == 0
 
@@ -91,10 +96,9 @@ def test_conditioning_tokens_are_appended_with_first_coordinate_one(components):
 
     handle = components.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        edit(
-            components, random_image(64, 64), small(width=96, height=64, num_steps=4),
-            lab=LabOverrides(condition_size=(64, 48)),
-        )  # fmt: skip
+        image = random_image(64, 64)
+        plan = small(components, image, width=96, height=64, num_steps=4, condition=(64, 48))
+        edit(components, image, plan, transformer=direct(components))
     finally:
         handle.remove()
     target = (64 // 16) * (96 // 16)
@@ -114,10 +118,11 @@ def test_the_hook_after_each_step_sees_the_state_and_may_replace_it(components):
     from flux.report import EditReport
 
     image = random_image(64, 64, seed=3)
-    plan = small(width=64, height=64, num_steps=6, acceleration="go fast")
-    plain = edit(components, image, plan)
+    plan = small(components, image, width=64, height=64, num_steps=6, acceleration="go fast")
+    plain = edit(components, image, plan, transformer=direct(components))
     seen = []
-    watched = edit(components, image, plan, after_step=lambda i, latents, sigma: seen.append((i, sigma)))
+    watched = edit(components, image, plan, transformer=direct(components),
+                   after_step=lambda i, latents, sigma: seen.append((i, sigma)))  # fmt: skip
     assert torch.equal(plain.latents, watched.latents) and plain.image.tobytes() == watched.image.tobytes()
     assert [i for i, _ in seen] == list(range(6)) and seen[-1][1] == 0.0
     assert all(a > b for (_, a), (_, b) in zip(seen, seen[1:], strict=False))  # the sigmas fall step by step

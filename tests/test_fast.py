@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from flux.config import Config, FastPathConfig
-from flux.edit import EditPlan, LabOverrides, edit
+from flux.edit import edit
 from flux.errors import SetupError
+from flux.lab.plans import direct, lab_plan
 from flux.loading import load_components
 from flux.runtime import FastPath, prepare_transformer
 from tests.conftest import random_image
@@ -34,12 +35,11 @@ def test_forecasts_never_recompile_the_compiled_transformer(tiny_weights):
     torch._dynamo.reset()
     c.transformer.compile(backend="eager", dynamic=False)
     image = random_image(32, 32)
-    settings = dict(prompt="x", width=32, height=32, seed=1, num_steps=12)
-    pinned = LabOverrides(condition_size=(32, 32))
-    edit(c, image, EditPlan(**settings, acceleration="none"), lab=pinned)  # compiles once
+    settings = dict(prompt="x", width=32, height=32, seed=1, num_steps=12, condition=(32, 32))
+    edit(c, image, lab_plan(c, image, **settings, acceleration="none"), transformer=direct(c))  # compiles once
     with torch._dynamo.config.patch(error_on_recompile=True):
         for level in ("go fast", "go really fast", "none", "go fast"):
-            result = edit(c, image, EditPlan(**settings, acceleration=level), lab=pinned)
+            result = edit(c, image, lab_plan(c, image, **settings, acceleration=level), transformer=direct(c))
             assert torch.isfinite(result.latents).all()
     torch._dynamo.reset()
 

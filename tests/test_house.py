@@ -71,6 +71,25 @@ def test_the_several_device_module_uses_the_runtime_not_the_other_way_round():
     assert "flux.runtime" in imports("parallel")
     for module in ("runtime", "fast", "edit", "loading", "lora", "config"):
         assert "flux.parallel" not in imports(module), module
+    # the edit takes what it runs whole: no request defaults, no runtime of its own
+    assert "flux.edit" not in imports("runtime") and "flux.request" not in imports("edit")
+
+
+def test_the_edit_is_given_its_transformer_and_a_decided_plan():
+    """edit() has no transformer of its own to fall back on (one device's module would be wrong on
+    several); an EditPlan has no defaults and is built by keywords; its layout is decided before."""
+    import dataclasses
+    import inspect
+
+    from flux.edit import EditPlan, Sampling, edit
+
+    assert inspect.signature(edit).parameters["transformer"].default is inspect.Parameter.empty
+    for plan_type in (EditPlan, Sampling):
+        fields = dataclasses.fields(plan_type)
+        assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in fields)
+    assert all(f.kw_only for f in dataclasses.fields(EditPlan))
+    source = (ROOT / "flux" / "edit.py").read_text()
+    assert "conditioning_layout(" not in source
 
 
 def test_no_function_on_the_product_path_is_over_60_lines():

@@ -268,9 +268,17 @@ def test_frames_that_do_not_correspond_are_refused_before_anything_is_decoded(op
     assert info.value.field == "keep_unedited"
 
 
-def test_an_input_beyond_21_to_9_is_refused(proxy):
+def test_an_input_beyond_21_to_9_is_refused_when_the_request_is_made(proxy, monkeypatch):
+    """The request's own check reads the header: the model is never reached, whichever way EXIF
+    would turn the photo (the accepted range is the same both ways)."""
+    monkeypatch.setattr("flux.pipeline.edit", lambda *a, **k: pytest.fail("the model was reached"))
+    for size in ((4000, 100), (100, 4000)):
+        data = image_bytes(Image.new("RGB", size))
+        with pytest.raises(InputError, match=f"{size[0]}x{size[1]} input: it is wider or taller than 21:9"):
+            EditRequest("x", data, keep_unedited=True)
     with pytest.raises(InputError, match="4000x100 input: it is wider or taller than 21:9"):
         _edit(proxy, np.zeros((100, 4000, 3), np.uint8), "make the circle red", 0, keep_unedited=True)
+    EditRequest("x", image_bytes(Image.new("RGB", (2100, 900))), keep_unedited=True)  # 21:9 itself is accepted
 
 
 def test_the_photo_is_read_as_its_exif_says_and_decoded_at_full_size(proxy):

@@ -14,10 +14,11 @@ import torch._dynamo
 
 from flux import lora, lora_sources
 from flux.config import FastPathConfig
-from flux.edit import EditPlan, LabOverrides, edit
+from flux.edit import edit
 from flux.errors import InputError
 from flux.fast import compile_transformer
 from flux.lab.loras import make_lora, write_lora
+from flux.lab.plans import direct, lab_plan
 from flux.loading import load_components
 from tests.conftest import lora_store, random_image
 from tests.counting import COUNTING
@@ -285,16 +286,15 @@ def test_swapping_loras_and_strengths_never_compiles(tiny_weights, tmp_path, how
     high = lora.convert(
         write_lora(tmp_path / "r16.safetensors", make_lora(c.transformer, "kohya", rank=16)), "r16", c.transformer
     )
-    settings = EditPlan(prompt="x", width=32, height=32, seed=1, num_steps=4)
-    pinned = LabOverrides(condition_size=(32, 32))
     image = random_image(32, 32)
-    base = edit(c, image, settings, lab=pinned).latents  # compiles
+    settings = lab_plan(c, image, "x", 32, 32, seed=1, num_steps=4, condition=(32, 32))
+    base = edit(c, image, settings, transformer=direct(c)).latents  # compiles
     graphs = COUNTING.graphs
     outputs = []
     with torch._dynamo.config.patch(error_on_recompile=True):
         for wanted in ([(low, 1.0)], [(high, 1.0)], [(high, 0.3)], [(low, 2.0), (high, -0.5)], []):
             state.apply(wanted)
-            outputs.append(edit(c, image, settings, lab=pinned).latents)
+            outputs.append(edit(c, image, settings, transformer=direct(c)).latents)
     assert COUNTING.graphs == graphs
     assert not torch.equal(outputs[0], base) and not torch.equal(outputs[1], outputs[2])
     assert torch.equal(outputs[-1], base)
@@ -353,24 +353,25 @@ def test_side_branch_applies_loras_without_touching_the_weights(tiny_weights, tm
                      c.transformer)  # fmt: skip
     b = lora.convert(write_lora(tmp_path / "b.safetensors", make_lora(c.transformer, "kohya", rank=8, seed=2)), "b",
                      c.transformer)  # fmt: skip
-    settings = EditPlan(prompt="x", width=32, height=32, seed=1, num_steps=4)
     image = random_image(32, 32)
-    base = edit(c, image, settings).latents
+    settings = lab_plan(c, image, "x", 32, 32, seed=1, num_steps=4)
+    base = edit(c, image, settings, transformer=direct(c)).latents
     assert lora.install_branches(c.transformer, 16, c.dtype) == sum(
         isinstance(m, torch.nn.Linear) for m in c.transformer.modules()
     )
-    assert torch.equal(edit(c, image, settings).latents, base)
+    assert torch.equal(edit(c, image, settings, transformer=direct(c)).latents, base)
     weights = {k: v.clone() for k, v in c.transformer.state_dict().items()}
     state, merged = lora.LoraState(c.transformer, branch_rank=16, fp8=True), lora.LoraState(merged_c.transformer)
     for wanted in ([(a, 1.0)], [(a, 0.5), (b, -1.0)]):
         state.apply(wanted)
         merged.apply(wanted)
-        out, reference = edit(c, image, settings).latents, edit(merged_c, image, settings).latents
+        out = edit(c, image, settings, transformer=direct(c)).latents
+        reference = edit(merged_c, image, settings, transformer=direct(merged_c)).latents
         assert not torch.equal(out, base)
         torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
         assert all(torch.equal(weights[k], v) for k, v in c.transformer.state_dict().items())
     state.apply([])
-    assert torch.equal(edit(c, image, settings).latents, base) and state.branched == set()
+    assert torch.equal(edit(c, image, settings, transformer=direct(c)).latents, base) and state.branched == set()
     layer = c.transformer.get_submodule(sorted(a.layers)[-1])
     layer.weight = torch.nn.Parameter(
         torch.Tensor._make_subclass(QuantizedStandIn, layer.weight.data), requires_grad=False

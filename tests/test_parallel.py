@@ -18,8 +18,9 @@ import torch
 
 from flux import sizes
 from flux.config import Config
-from flux.edit import EditPlan, edit
+from flux.edit import edit
 from flux.lab.loras import make_lora, write_lora
+from flux.lab.plans import direct, lab_plan
 from flux.loading import load_components
 from flux.pipeline import load_model, plan_edit, run_edit
 from flux.request import EditRequest
@@ -46,10 +47,9 @@ def _same_edit(models, image, settings, references=()):
                           references=tuple(image_bytes(r) for r in references), **settings)  # fmt: skip
     result = run_edit(parallel, request)
     width, height = result.image.size
-    reference = edit(single, image, EditPlan(
-        prompt=request.prompt, width=width, height=height, seed=request.seed, num_steps=request.num_steps,
-        acceleration=request.acceleration, multi_image_mode=request.multi_image_mode,
-    ), references=list(references))  # fmt: skip
+    plan = lab_plan(single, image, request.prompt, width, height, request.seed, num_steps=request.num_steps,
+                    acceleration=request.acceleration, mode=request.multi_image_mode, references=references)  # fmt: skip
+    reference = edit(single, image, plan, references=list(references), transformer=direct(single))
     return result, reference
 
 
@@ -110,7 +110,8 @@ def test_a_lora_on_every_rank_and_its_exact_restore(models, tiny_weights, tmp_pa
     state = LoraState(single.transformer)
     state.apply([(convert(next((tmp_path / "cache").glob("*.safetensors")), "l", single.transformer), 0.8)])
     plan = plan_edit(parallel, plain, image, [])
-    reference = edit(single, image, EditPlan("x", plan.width, plan.height, 4, num_steps=4)).latents
+    plan = lab_plan(single, image, "x", plan.width, plan.height, 4, num_steps=4)
+    reference = edit(single, image, plan, transformer=direct(single)).latents
     state.apply([])
     assert (with_lora - reference).abs().max().item() <= TOLERANCE and not torch.equal(with_lora, base)
     restored = run_edit(parallel, plain).latents

@@ -98,13 +98,13 @@ def test_thirty_predictions_leave_a_bounded_number_of_outputs(predictor, input_f
     assert len(list(out_dir.iterdir())) <= 8
 
 
-def _fake_edit(components, image, plan, on_step=None, references=None, transformer=None):
+def _fake_edit(components, image, plan, *, transformer, on_step=None, references=None):
     """The edit itself is tested elsewhere; here only the adapter's file handling is."""
     import torch
 
     from flux.report import EditReport, EditResult
 
-    report = EditReport(seed=plan.seed, acceleration=plan.acceleration, num_steps=plan.num_steps)
+    report = EditReport(seed=plan.seed, acceleration=plan.sampling.acceleration, num_steps=plan.sampling.num_steps)
     return EditResult(image=Image.new("RGB", (16, 16)), latents=torch.zeros(1), report=report)
 
 

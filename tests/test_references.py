@@ -9,9 +9,10 @@ import torch._dynamo
 
 from flux import sizes
 from flux.config import FastPathConfig
-from flux.edit import EditPlan, LabOverrides, edit, encode_image
+from flux.edit import edit, encode_image
 from flux.errors import InputError
 from flux.fast import compile_transformer
+from flux.lab.plans import direct, lab_plan
 from flux.loading import load_components
 from flux.request import EditRequest
 from flux.weights import PROXY_DIR
@@ -36,10 +37,10 @@ def _capture(c, references, mode, condition=(64, 64)):
 
     handle = c.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        settings = EditPlan("make the circle red", 64, 64, seed=1, num_steps=4, multi_image_mode=mode)
-        result = edit(
-            c, random_image(64, 64), settings, lab=LabOverrides(condition_size=condition), references=references
-        )
+        image = random_image(64, 64)
+        plan = lab_plan(c, image, "make the circle red", 64, 64, seed=1, num_steps=4, mode=mode,
+                        references=references, condition=condition)  # fmt: skip
+        result = edit(c, image, plan, references=references, transformer=direct(c))
     finally:
         handle.remove()
     return seen, result
@@ -134,16 +135,19 @@ def test_references_never_compile_during_a_request(tmp_path):
     c = load_components(PROXY_DIR)
     torch._dynamo.reset()
     compile_transformer(c.transformer, FastPathConfig.defaults(compile_backend="flux_test_counting"))
-    settings = EditPlan("make the circle red", 64, 64, seed=1, num_steps=4)
-    edit(c, random_image(64, 64), settings)  # the warm-up: compiles
-    edit(c, random_image(64, 64), settings, references=[WIDE])
+    image = random_image(64, 64)
+    settings = dict(prompt="make the circle red", width=64, height=64, seed=1, num_steps=4)
+    edit(c, image, lab_plan(c, image, **settings), transformer=direct(c))  # the warm-up: compiles
+    plan = lab_plan(c, image, **settings, references=[WIDE])
+    edit(c, image, plan, references=[WIDE], transformer=direct(c))
     graphs = COUNTING.graphs
     with torch._dynamo.config.patch(error_on_recompile=True):
         for mode in ("offset", "index", "stitch"):
             for refs in ([WIDE], [TALL, WIDE], [random_image(300, 20), TALL, random_image(7, 7)]):
                 runs = COUNTING.runs
-                s = EditPlan("make the circle red", 64, 64, seed=1, num_steps=4, multi_image_mode=mode)
-                edit(c, random_image(90, 40), s, references=refs)
+                image = random_image(90, 40)
+                plan = lab_plan(c, image, **settings, mode=mode, references=refs)
+                edit(c, image, plan, references=refs, transformer=direct(c))
                 assert COUNTING.runs - runs >= 4
     assert COUNTING.graphs == graphs
     torch._dynamo.reset()

@@ -12,7 +12,6 @@ import taylor_utils
 from flux import schedule
 from flux.edit import (
     DEFAULT_N_DERIVATIVES,
-    EditPlan,
     LabOverrides,
     edit,
     encode_image,
@@ -21,7 +20,8 @@ from flux.edit import (
     position_ids,
 )
 from flux.lab import forecasters
-from flux.request import MAX_STEPS, MIN_STEPS
+from flux.lab.plans import direct, lab_plan
+from flux.request import DEFAULT_GUIDANCE, MAX_STEPS, MIN_STEPS
 from tests.conftest import random_image
 
 LEVELS = taylor_utils.ACCELERATION_LEVELS
@@ -167,15 +167,24 @@ def _count_calls(components, run):
     return len(calls), result
 
 
-def _settings(**kw):
+def _settings(**kw) -> dict:
     base = dict(prompt="flip it", width=32, height=32, seed=3, num_steps=28)
     base.update(kw)
-    return EditPlan(**base)
+    return base
+
+
+def _plan(components, image, settings):
+    """The plan of ``settings``, with the conditioning image kept at its own size."""
+    return lab_plan(components, image, **settings, condition=image.size)
 
 
 def _edit(components, image, settings, cache=None):
-    """An edit with the conditioning image kept at its own size."""
-    return edit(components, image, settings, lab=LabOverrides(cache=cache, condition_size=image.size))
+    return _edit_with(components, image, LabOverrides(cache=cache), settings)
+
+
+def _edit_with(components, image, lab, settings=None):
+    plan = _plan(components, image, settings or _settings())
+    return edit(components, image, plan, lab=lab, transformer=direct(components))
 
 
 def test_calls_counted_on_the_model_at_28_steps(components):
@@ -205,12 +214,12 @@ def test_none_is_bit_identical_to_a_loop_without_cache(components):
     settings = _settings(acceleration="none", num_steps=10, width=48, height=32)
     ours = _edit(c, image, settings).latents
     with torch.inference_mode():
-        embeds, pooled, text_ids = encode_prompt(c, settings.prompt)
+        embeds, pooled, text_ids = encode_prompt(c, settings["prompt"])
         image_latents, image_ids = encode_image(c, image)
-        latents = initial_noise(c, settings.seed, 48, 32)
+        latents = initial_noise(c, settings["seed"], 48, 32)
         ids = torch.cat([position_ids(2, 3, 0.0, c.device, c.dtype), image_ids])
         sigmas = schedule.sigmas_for(c.scheduler, 10, latents.shape[1])
-        guidance = torch.full([1], settings.guidance)
+        guidance = torch.full([1], DEFAULT_GUIDANCE)
         for i in range(10):
             t = (sigmas[i] * 1000.0).expand(1)
             out = c.transformer(
@@ -327,8 +336,8 @@ def test_adaptive_plan_in_the_loop(components):
     calls = []
     for tolerance in (0.0, 0.01, 0.1, 1e9):
         plan = AdaptivePlan(28, tolerance)
-        lab = overrides(plan, condition_size=image.size)
-        counted, result = _count_calls(components, lambda p=lab: edit(components, image, _settings(), lab=p))
+        lab = overrides(plan)
+        counted, result = _count_calls(components, lambda p=lab: _edit_with(components, image, p))
         assert counted == result.report.transformer_calls
         calls.append(counted)
         if tolerance == 0.0:

@@ -28,7 +28,8 @@ from PIL import Image, ImageDraw
 import taylor_utils
 from flux import images
 from flux.device import release_memory, synchronize
-from flux.edit import T5_MAX_TOKENS, EditPlan, LabOverrides, TransformerCall, decode, edit
+from flux.edit import T5_MAX_TOKENS, TransformerCall, decode, edit
+from flux.lab.plans import direct, lab_plan
 from flux.loading import Components
 
 SIZES = {
@@ -148,14 +149,14 @@ def run_project(
 ) -> dict:  # fmt: skip
     """One timed edit by the project's loop (``transformer``: a runtime; default the components' module)."""
     width, height, _, _ = size
-    plan = EditPlan(prompt="make the circle red", width=width, height=height, seed=seed, num_steps=steps,
-                    acceleration=level)  # fmt: skip
+    references = references or []
+    # references share the budget of one image of the benchmark's side, as they do at full size
+    plan = lab_plan(c, image, "make the circle red", width, height, seed, num_steps=steps, acceleration=level,
+                    references=references, condition=image.size, reference_base=max(image.size))  # fmt: skip
     synchronize(c.device)
     start = time.perf_counter()
     with PeakMemory(c.device) as peak:
-        # references share the budget of one image of the benchmark's side, as they do at full size
-        pinned = LabOverrides(condition_size=image.size, reference_base=max(image.size))
-        result = edit(c, image, plan, lab=pinned, references=references, transformer=transformer)
+        result = edit(c, image, plan, references=references, transformer=transformer or direct(c))
     synchronize(c.device)
     report = result.report
     forecast_ratio = None

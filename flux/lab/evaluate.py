@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 
 import taylor_utils
-from flux.edit import EditPlan, LabOverrides, edit
+from flux.edit import LabOverrides, edit
 from flux.lab import adaptive, benchmark, forecasters
 from flux.lab.adaptive import AdaptivePlan
+from flux.lab.plans import direct, lab_plan
 from flux.lab.scenes import PROMPTS, SIDE, make_example
 from flux.loading import Components, load_components
 
@@ -137,8 +138,8 @@ def run_method(c: Components, image: Image.Image, prompt: str, seed: int, method
     lab = LabOverrides(cache=cache, step_map=step_map)
     if tolerance is not None:
         lab = adaptive.overrides(AdaptivePlan(num_steps, tolerance, max_calls=max_calls), cache)
-    plan = EditPlan(prompt, SIDE, SIDE, seed, num_steps=num_steps, acceleration=acceleration)
-    result = edit(c, image, plan, lab=lab)
+    plan = lab_plan(c, image, prompt, SIDE, SIDE, seed, num_steps=num_steps, acceleration=acceleration)
+    result = edit(c, image, plan, lab=lab, transformer=direct(c))
     return np.asarray(result.image), result.report.transformer_calls
 
 

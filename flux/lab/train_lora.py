@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flux.edit import EditPlan, edit, encode_prompt, position_ids
+from flux.edit import edit, encode_prompt, position_ids
 from flux.lab.benchmark import psnr
+from flux.lab.plans import direct, lab_plan
 from flux.lab.scenes import LORA_EDITS, SIDE, make_scene
 from flux.lab.train import GUIDANCE, encode_images
 from flux.loading import load_components
@@ -123,8 +124,9 @@ def evaluate_lora(weights_dir: str | Path, lora_path: str | Path, edits: int = 4
         outputs = {}
         for name, wanted in (("without_lora", []), ("with_lora", [(lora, 1.0)])):
             state.apply(wanted)
-            plan = EditPlan(INSTRUCTION, SIDE, SIDE, seed=i, acceleration=acceleration)
-            outputs[name] = np.asarray(edit(c, Image.fromarray(source), plan).image)
+            image = Image.fromarray(source)
+            plan = lab_plan(c, image, INSTRUCTION, SIDE, SIDE, seed=i, acceleration=acceleration)
+            outputs[name] = np.asarray(edit(c, image, plan, transformer=direct(c)).image)
             rows[name].append(psnr(outputs[name], target, identical=100.0))
         if i < 4:
             samples.append({"input": source, **outputs, "target": target})
