@@ -43,6 +43,9 @@ QUALITY_HELP = "Quality of webp and jpg outputs, 0 to 100; ignored for png"
 LORA_STRENGTH_HELP = "How strongly the LoRA applies; 0 turns it off"
 GUIDANCE_SCALE_HELP = "fal's name for guidance; send guidance"
 STEPS_HELP = "Together's name for num_inference_steps; send num_inference_steps"
+MASK_HELP = "Where to edit, as a data URI or an http(s) URL of an image of the input's shape (any size): white edits, black keeps, grey edits partly (transparent edits in a mask that is only transparency). The result is the input at its own size, its pixels unchanged outside the mask's feathered border. Empty: the model decides"
+STRENGTH_HELP = "How much of the schedule runs: 1 starts from noise; lower starts from the input re-noised partway and keeps more of it (the last strength x steps run; 0.88 at 28 steps runs 25). 0 returns the input"
+MASK_ALIAS_HELP = "diffusers' and fal's names for mask; send mask"
 ENABLE_SAFETY_HELP = "fal's name for the opposite of disable_safety_checker; send disable_safety_checker"
 # fmt: on
 
@@ -70,9 +73,11 @@ class Predictor(BaseRunner):
         self,
         prompt: str = Input(description=PROMPT_HELP, max_length=10000),
         input_image: Path = Input(description="Image to edit: jpeg, png, gif or webp"),
+        mask: str = Input(description=MASK_HELP, default=""),
         aspect_ratio: str = Input(description=ASPECT_HELP, choices=ASPECT_RATIOS, default="match_input_image"),
         num_inference_steps: int = Input(description="Number of denoising steps", ge=4, le=50, default=28),
         guidance: float = Input(description="How closely to follow the prompt", ge=0, le=10, default=2.5),
+        strength: float = Input(description=STRENGTH_HELP, ge=0, le=1, default=1.0),
         seed: int = Input(description=SEED_HELP, ge=-1, le=4294967295, default=-1),
         acceleration: str = Input(description=ACCELERATION_HELP, choices=ACCELERATION_LEVELS, default="go fast"),
         go_fast: bool | str = Input(description=GO_FAST_HELP, default=""),
@@ -94,6 +99,8 @@ class Predictor(BaseRunner):
         guidance_scale: float = Input(description=GUIDANCE_SCALE_HELP, ge=0, le=10, default=2.5, deprecated=True),
         steps: int = Input(description=STEPS_HELP, ge=4, le=50, default=28, deprecated=True),
         enable_safety_checker: bool = Input(description=ENABLE_SAFETY_HELP, default=True, deprecated=True),
+        mask_image: str = Input(description=MASK_ALIAS_HELP, default="", deprecated=True),
+        mask_url: str = Input(description=MASK_ALIAS_HELP, default="", deprecated=True),
     ) -> Path:
         sent = {name: value for name, value in locals().items() if name != "self"}  # every input, by its name
         request = request_from(sent, accepted_file)

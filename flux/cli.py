@@ -29,7 +29,7 @@ FLAGS = {
     "output_quality": "--quality", "lora_weights": "--lora", "lora_strength": "--lora-strength",
     "extra_lora_weights": "--extra-lora", "extra_lora_strength": "--extra-lora-strength",
     "reference_images": "--reference", "multi_image_mode": "--multi-image-mode", "keep_unedited": "--keep-unedited",
-    "disable_safety_checker": "--no-safety-checker",
+    "disable_safety_checker": "--no-safety-checker", "mask": "--mask", "strength": "--strength",
 }  # fmt: skip
 EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
 PROXY_BANNER = (
@@ -89,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--lora-strength", type=float, help=f"{_bounds('lora_strength')}; 0 turns it off")
     e.add_argument("--extra-lora", help="a second LoRA, the same sources")
     e.add_argument("--extra-lora-strength", type=float, help=_bounds("extra_lora_strength"))
+    e.add_argument("--mask", type=Path, help="where to edit: white edits, black keeps, grey edits partly; "
+                   "the result is the input at its own size")  # fmt: skip
+    e.add_argument("--strength", type=float, help=f"{_bounds('strength')}: how much of the schedule runs, from the "
+                   "input re-noised")  # fmt: skip
     e.add_argument("--reference", action="append", type=Path, help="a reference image (up to 3; repeat)")
     e.add_argument("--multi-image-mode", choices=INPUTS["multi_image_mode"].choices, help=_default("multi_image_mode"))
     d = sub.add_parser("download", help="fetch the weights, each file verified against the manifest")

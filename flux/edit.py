@@ -37,11 +37,21 @@ DEFAULT_N_DERIVATIVES = 2
 @dataclass(frozen=True)
 class Sampling:
     """How the loop runs: its number of steps, the guidance the transformer is given, the
-    acceleration level (which steps run the transformer)."""
+    acceleration level (which of the steps run call the transformer), and the strength (1: every
+    step from noise; below 1 the last steps only, from the input re-noised: ``schedule.first_step``)."""
 
     num_steps: int
     guidance: float
     acceleration: str
+    strength: float
+
+    @property
+    def first_step(self) -> int:
+        return schedule.first_step(self.num_steps, self.strength)
+
+    @property
+    def steps_run(self) -> int:
+        return self.num_steps - self.first_step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,22 +235,55 @@ class LoopInputs:
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor
     text_ids: torch.Tensor
-    sigmas: torch.Tensor
+    sigmas: torch.Tensor  # of the steps run
     guidance: torch.Tensor | None
+    noise: torch.Tensor
+    source: torch.Tensor | None  # the input at the output's size, where the edit starts from it or keeps it
 
 
-def prepare(components: Components, image: Image.Image, plan: EditPlan, references: list[Image.Image]) -> LoopInputs:
-    """Encode the prompt and the conditioning images, draw the noise, lay out the positions and the sigmas."""
+def prepare(
+    components: Components, image: Image.Image, plan: EditPlan, references: list[Image.Image], needs_source: bool
+) -> LoopInputs:
+    """Encode the prompt and the conditioning images, draw the noise, lay out the positions and
+    the sigmas of the steps run; with a strength below 1 the loop starts from the input re-noised
+    to the first step's sigma (flow matching: ``(1 - sigma) * input + sigma * noise``)."""
     prompt_embeds, pooled, text_ids = encode_prompt(components, plan.prompt)
     image_latents, image_ids = encode_conditioning(components, image, references, plan.layout)
-    latents = initial_noise(components, plan.seed, plan.width, plan.height)
+    noise = latents = initial_noise(components, plan.seed, plan.width, plan.height)
+    sigmas = schedule.sigmas_for(components.scheduler, plan.sampling.num_steps, latents.shape[1])
+    sigmas = sigmas[plan.sampling.first_step :]
+    source = None
+    if needs_source or plan.sampling.first_step:
+        source = encode_image(components, images.resize(image, plan.width, plan.height))[0]
+    if plan.sampling.first_step:
+        latents = renoised(source, noise, float(sigmas[0]))
     rows, columns = plan.height // sizes.MULTIPLE, plan.width // sizes.MULTIPLE
     ids = torch.cat([position_ids(rows, columns, 0.0, components.device, components.dtype), image_ids], dim=0)
     guidance = None
     if components.transformer.config.guidance_embeds:
         guidance = torch.full([1], plan.sampling.guidance, device=components.device, dtype=torch.float32)
-    sigmas = schedule.sigmas_for(components.scheduler, plan.sampling.num_steps, latents.shape[1])
-    return LoopInputs(latents, image_latents, ids, prompt_embeds, pooled, text_ids, sigmas, guidance)
+    return LoopInputs(latents, image_latents, ids, prompt_embeds, pooled, text_ids, sigmas, guidance, noise, source)
+
+
+def renoised(source: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The source latents at noise level ``sigma``, as the loop's state is at that sigma."""
+    return ((1.0 - sigma) * source.float() + sigma * noise.float()).to(source.dtype)
+
+
+def keep_source(weights: torch.Tensor, source: torch.Tensor, noise: torch.Tensor, steps: int) -> LatentHook:
+    """The hook that puts the source back outside a mask after every step. ``weights``: the mask
+    on the latent grid (h, w) in [0, 1]. After step k of ``steps`` a latent pixel follows the
+    model where its weight is above 1 - (k + 1) / steps, else it is the source re-noised to the
+    step's sigma: white from the first step on, black never (the source exactly at the end),
+    grey w for the last w of the steps (a strength of its own)."""
+    channels = source.shape[-1] // 4
+    packed = pack(weights.to(source.device, torch.float32)[None, None].expand(1, channels, *weights.shape))
+
+    def put_back(k: int, latents: torch.Tensor, sigma: float) -> torch.Tensor:
+        follows = packed > 1.0 - (k + 1) / steps
+        return torch.where(follows, latents, renoised(source, noise, sigma))
+
+    return put_back
 
 
 TransformerCall = Callable[..., tuple[torch.Tensor, ...]]
@@ -308,6 +351,20 @@ def denoise(
     return latents
 
 
+def _chained(hooks: list[LatentHook]) -> LatentHook | None:
+    """One hook that runs ``hooks`` in order, each on what the one before left (None: no hook)."""
+    if len(hooks) <= 1:
+        return hooks[0] if hooks else None
+
+    def chained(i: int, latents: torch.Tensor, sigma: float) -> torch.Tensor:
+        for hook in hooks:
+            replaced = hook(i, latents, sigma)
+            latents = latents if replaced is None else replaced
+        return latents
+
+    return chained
+
+
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
     if not torch.isfinite(tensor).all():
         raise EditError(f"the {what} contain NaN or infinite values; no image was produced. Try another seed.")
@@ -323,27 +380,35 @@ def edit(
     on_step: StepCallback | None = None,
     lab: LabOverrides | None = None,
     references: list[Image.Image] | None = None,
+    mask: torch.Tensor | None = None,
     after_step: LatentHook | None = None,
 ) -> EditResult:
     """Run one edit. ``image`` and ``references`` are RGB images (see ``images.load_image``).
     ``transformer``: how the transformer is called (the product's runtime, on one device or
-    several; the lab's ``flux.lab.plans.direct``). ``after_step``: see ``denoise``."""
+    several; the lab's ``flux.lab.plans.direct``). ``mask``: where to edit, on the output's latent
+    grid (``flux.masking.latent_weights``); the source is put back elsewhere (``keep_source``).
+    ``after_step``: see ``denoise``."""
     references = references or []
     lab = lab or LabOverrides()
     sampling = plan.sampling
-    report = EditReport(seed=plan.seed, acceleration=sampling.acceleration, num_steps=sampling.num_steps)
+    steps = sampling.steps_run
+    report = EditReport(seed=plan.seed, acceleration=sampling.acceleration, num_steps=steps)
     seconds = report.seconds
     cache = lab.cache or taylor_utils.TaylorCache(n_derivatives=DEFAULT_N_DERIVATIVES)
     cache.reset()
-    step_map = lab.step_map or taylor_utils.compute_step_map(sampling.acceleration, sampling.num_steps)
-    if len(step_map) != sampling.num_steps:
-        raise ValueError(f"a step map needs {sampling.num_steps} entries; got {len(step_map)}")
+    step_map = lab.step_map or taylor_utils.compute_step_map(sampling.acceleration, steps)
+    if len(step_map) != steps:
+        raise ValueError(f"a step map needs {steps} entries; got {len(step_map)}")
     try:
         with _Timer(components.device, seconds, "encode"):
-            inputs = prepare(components, image, plan, references)
+            inputs = prepare(components, image, plan, references, needs_source=mask is not None)
+        hooks = [after_step] if after_step is not None else []
+        if mask is not None:
+            hooks.insert(0, keep_source(mask, inputs.source, inputs.noise, steps))
         with _Timer(components.device, seconds, "denoise"):
             prediction = transformer_prediction(components, inputs, transformer)
-            latents = denoise(prediction, inputs.latents, inputs.sigmas, step_map, cache, report, on_step, after_step)
+            latents = denoise(prediction, inputs.latents, inputs.sigmas, step_map, cache, report, on_step,
+                              _chained(hooks))  # fmt: skip
         _check_finite(latents, "final latents")
         with _Timer(components.device, seconds, "decode"):
             decoded = decode(components, latents, plan.width, plan.height)

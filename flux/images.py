@@ -37,6 +37,59 @@ def load_image(source: str | os.PathLike | bytes, name: str = "input_image", red
     usable jpeg, png, gif or webp image, whatever the decoder raised. ``reduce``: decode a large
     JPEG at a reduced scale (the edit resizes it to about 1 MP anyway); False for every pixel.
     """
+    return to_rgb(_open(source, name, reduce))
+
+
+def load_mask(source: str | os.PathLike | bytes, size: tuple[int, int], name: str = "mask") -> Image.Image:
+    """A mask for an image of ``size`` (its size after EXIF rotation), as an 8-bit "L" image of that
+    size: 255 edits, 0 keeps, grey between edits partly. White is 255 (luminance); in a mask whose
+    only content is its alpha channel (the same colour everywhere, some of it transparent),
+    transparent is 255, as FLUX.1 Fill reads it; other transparent pixels count as black.
+
+    Any size with the image's aspect ratio (each side within a pixel of what the other implies) is
+    resized to ``size``; another aspect ratio is refused (InputError naming ``name``)."""
+    mask = _mask_levels(_open(source, name, reduce=False))
+    width, height = size
+    if not same_aspect(mask.size, size):
+        raise InputError(
+            f"{name} is {mask.width}x{mask.height}, another aspect ratio than the {width}x{height} input image; "
+            "send a mask of the input image's shape (any size)",
+            name,
+        )
+    return resize_mask(mask, size)
+
+
+def same_aspect(size: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Whether ``size`` has ``other``'s aspect ratio within a pixel's rounding: one of its sides
+    within a pixel of what its other side implies."""
+    (w, h), (ow, oh) = size, other
+    return abs(w * oh / ow - h) <= 1 or abs(h * ow / oh - w) <= 1
+
+
+def _mask_levels(image: Image.Image) -> Image.Image:
+    if image.mode in ("P", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = np.asarray(image.convert("RGBA"))
+        alpha = rgba[..., 3]
+        if alpha.min() < 255 and (rgba[..., :3] == rgba[0, 0, :3]).all():
+            return Image.fromarray(255 - alpha, "L")
+        black = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, image.convert("RGBA")).convert("L")
+    return to_rgb(image).convert("L")
+
+
+def resize_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """An "L" mask at ``size``: by area where it shrinks (a pixel's share of white is its grey),
+    bilinear where it grows; never thresholded."""
+    if mask.size == size:
+        return mask
+    shrinks = size[0] * size[1] < mask.width * mask.height
+    return mask.resize(size, Image.Resampling.BOX if shrinks else Image.Resampling.BILINEAR)
+
+
+def _open(source: str | os.PathLike | bytes, name: str, reduce: bool) -> Image.Image:
+    """The first picture, checked, decoded and EXIF-rotated, in the mode it was stored in."""
     image = _identify(_read(source, name), name)
     try:
         return _decode(image, name, reduce)
@@ -96,7 +149,7 @@ def _decode(image: Image.Image, name: str, reduce: bool) -> Image.Image:
         # since the image is downscaled to about 1 MP anyway
         image.draft("RGB", (1024, 1024))
     image.load()
-    return to_rgb(ImageOps.exif_transpose(image))
+    return ImageOps.exif_transpose(image)
 
 
 def _too_large(what: str) -> str:

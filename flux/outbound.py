@@ -302,7 +302,7 @@ def body_chunks(response: httpx2.Response, clock: Clock, limit: int | None, star
         raise FetchError(f"the connection failed ({type(exc).__name__})", retry=True) from None
 
 
-def get_json(
+def get_bytes(
     url: str,
     *,
     limits: FetchLimits,
@@ -312,19 +312,23 @@ def get_json(
     data: bytes | None = None,
     headers: dict[str, str] | None = None,
     limit: int = 8 << 20,
-) -> object:
-    """A JSON document (at most ``limit`` bytes); an HTTP error raises FetchError with its status."""
-    import json
-
+) -> bytes:
+    """A body (at most ``limit`` bytes); an HTTP error raises FetchError with its status."""
     clock = Clock(limits)
     with open_url(
         url, clock=clock, credential=credential, method=method, data=data, headers=headers, policy=policy
     ) as response:
         if response.status_code >= 400:
             raise FetchError(f"HTTP {response.status_code}", status=response.status_code)
-        body = b"".join(body_chunks(response, clock, limit))
+        return b"".join(body_chunks(response, clock, limit))
+
+
+def get_json(url: str, **options: object) -> object:
+    """A JSON document (``get_bytes``' options); an answer that is not JSON raises FetchError."""
+    import json
+
     try:
-        return json.loads(body)
+        return json.loads(get_bytes(url, **options))
     except ValueError:
         raise FetchError("the answer is not JSON") from None
 

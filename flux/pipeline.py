@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from flux import images, parallel, sizes, weights
+from flux import images, masking, parallel, sizes, weights
 from flux.composite import keep_unedited
 from flux.config import Config
 from flux.device import dtype_for, freeze_loaded_objects, pick_device, release_memory
@@ -22,7 +22,7 @@ from flux.fast import warm_up_sizes
 from flux.fetch import FetchReport, WeightsRemote, fetch
 from flux.loading import Components, load_components
 from flux.lora_sources import LoraStore, describe
-from flux.report import EditResult, StepCallback
+from flux.report import EditReport, EditResult, StepCallback
 from flux.request import DEFAULT_GUIDANCE, DEFAULT_MULTI_IMAGE_MODE, MAX_SEED, EditRequest
 from flux.runtime import LoraFile, TransformerRuntime, start_local
 from flux.safety import SafetyChecker, is_flagged, load_safety_checker
@@ -115,7 +115,7 @@ def warm_up(model: Model, output_sizes: list[tuple[int, int]]) -> float:
         image = Image.new("RGB", (width, height), (128, 128, 128))
         layout = sizes.conditioning_layout(image.size, [], DEFAULT_MULTI_IMAGE_MODE, base)
         plan = EditPlan(prompt="warm up", width=width, height=height, seed=0,
-                        sampling=Sampling(4, DEFAULT_GUIDANCE, "none"), layout=layout)  # fmt: skip
+                        sampling=Sampling(4, DEFAULT_GUIDANCE, "none", 1.0), layout=layout)  # fmt: skip
         edit(model.components, image, plan, transformer=model.runtime)
     model.seconds["warm_up"] = time.perf_counter() - start
     return model.seconds["warm_up"]
@@ -128,9 +128,13 @@ def plan_edit(model: Model, request: EditRequest, image: Image.Image, references
     layout = sizes.conditioning_layout(image.size, [r.size for r in references], request.multi_image_mode, base)
     asked = sizes.output_size(request.aspect_ratio, *image.size, base)
     width, height = model.runtime.servable_size(*asked, layout.tokens)
-    seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
-    sampling = Sampling(request.num_steps, request.guidance, request.acceleration)
-    return EditPlan(prompt=request.prompt, width=width, height=height, seed=seed, sampling=sampling, layout=layout)
+    sampling = Sampling(request.num_steps, request.guidance, request.acceleration, request.strength)
+    return EditPlan(prompt=request.prompt, width=width, height=height, seed=_seed(request), sampling=sampling,
+                    layout=layout)  # fmt: skip
+
+
+def _seed(request: EditRequest) -> int:
+    return secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
 
 
 def use_loras(model: Model, request: EditRequest) -> tuple[list[dict], dict[str, float]]:
@@ -155,28 +159,78 @@ def use_loras(model: Model, request: EditRequest) -> tuple[list[dict], dict[str,
 def run_edit(model: Model, request: EditRequest, on_step: StepCallback | None = None) -> EditResult:
     """One edit. The request was checked when it was made; here the images are decoded (before any
     LoRA is fetched), and the device's cached memory is released after the edit, whatever happened.
-    With ``keep_unedited`` the input is decoded at full size and the edit put back into it."""
+    With a mask, ``keep_unedited`` or strength 0 the input is decoded at full size and the result
+    is the photo at its own size: with a mask the edit of the region it marks (of a crop around it
+    on a large photo) stitched back; with keep_unedited what the edit changed put back into it;
+    where nothing is to be edited (an all-black mask, strength 0) the photo itself, without a
+    transformer call."""
     try:
-        image = images.load_image(request.image, reduce=not request.keep_unedited)
+        image = images.load_image(request.image, reduce=not request.at_photo_size)
+        mask = _load_mask(model, request, image.size)
         references = [images.load_image(r, f"reference_images[{i}]") for i, r in enumerate(request.references)]
-        plan = plan_edit(model, request, image, references)
+        if request.strength == 0 or (mask is not None and masking.coverage(mask) == (0, 0)):
+            return _unedited(image, request)
+        if mask is not None and masking.coverage(mask) == (255, 255):
+            mask = None  # all of it: the plain edit
+        box = masking.crop_box(mask, base_side(model.components)) if mask is not None else None
+        region = image.crop(box) if box else image
+        plan = plan_edit(model, request, region, references)
         lora_report, lora_seconds = use_loras(model, request)
         log.info("seed %d, %dx%d output, acceleration %r, %d steps", plan.seed, plan.width, plan.height,
-                 plan.sampling.acceleration, plan.sampling.num_steps)  # fmt: skip
+                 plan.sampling.acceleration, plan.sampling.steps_run)  # fmt: skip
+        weights = None
+        if mask is not None:
+            weights = masking.latent_weights(mask.crop(box) if box else mask, plan.width, plan.height)
         result = model.runtime.run(
-            lambda step: edit(model.components, image, plan, on_step=step, references=references,
-                              transformer=model.runtime),
+            lambda step: edit(model.components, region, plan, on_step=step, references=references,
+                              transformer=model.runtime, mask=weights),
             on_step,
         )  # fmt: skip
         result.report.loras = lora_report
         result.report.seconds.update(lora_seconds)
-        if request.keep_unedited:
+        if mask is not None:
+            _stitch(image, mask, box, result)
+        elif request.keep_unedited:
             _keep_unedited(image, result)
         if request.check_safety and model.safety is not None:
             _refuse_if_flagged(model.safety, result)
         return result
     finally:
         release_memory(model.components.device)
+
+
+def _load_mask(model: Model, request: EditRequest, size: tuple[int, int]) -> Image.Image | None:
+    """The request's mask at the photo's size (fetched first where it was sent as a URL)."""
+    if request.mask is None:
+        return None
+    source = request.mask
+    if isinstance(source, str):
+        source = masking.fetch_mask(source, model.config.fetch_policy, model.config.fetch_limits())
+    return images.load_mask(source, size)
+
+
+def _unedited(image: Image.Image, request: EditRequest) -> EditResult:
+    """The photo as it came, where nothing is to be edited: no transformer call, no safety check
+    (nothing was made)."""
+    log.info("nothing to edit (%s): the input is returned", "strength 0" if request.strength == 0 else "all-black mask")
+    report = EditReport(seed=_seed(request), acceleration=request.acceleration, num_steps=0)
+    if request.mask is not None:
+        report.mask = {"share": 0.0}
+    return EditResult(image=image, latents=torch.zeros(0), report=report)
+
+
+def _stitch(photo: Image.Image, mask: Image.Image, box: masking.Box | None, result: EditResult) -> None:
+    start = time.perf_counter()
+    edit_size = result.image.size
+    result.image = masking.stitch(photo, result.image, mask, box)
+    result.report.seconds["stitch"] = time.perf_counter() - start
+    histogram = mask.histogram()
+    result.report.mask = {
+        "share": round(1 - histogram[0] / (photo.width * photo.height), 4),
+        "crop": list(box or (0, 0, *photo.size)),
+        "edit_size": list(edit_size),
+        "feather_px": round(masking.feather(photo.size, box, edit_size)[1], 1),
+    }
 
 
 def _keep_unedited(original: Image.Image, result: EditResult) -> None:

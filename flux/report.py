@@ -24,6 +24,7 @@ class EditReport:
     cache_bytes: int = 0
     loras: list[dict] = field(default_factory=list)  # the LoRAs merged for this edit (set by the pipeline)
     keep_unedited: dict | None = None  # what keep_unedited did (set by the pipeline)
+    mask: dict | None = None  # where a masked edit ran and what it covered (set by the pipeline)
 
     @property
     def transformer_seconds(self) -> float:
@@ -39,13 +40,15 @@ class EditReport:
 
     def metrics(self) -> dict[str, object]:
         """What a prediction reports to its caller (Cog's metrics), by name."""
-        metrics: dict[str, object] = {"seed": self.seed, "acceleration": self.acceleration,
+        metrics: dict[str, object] = {"seed": self.seed, "acceleration": self.acceleration, "steps": self.num_steps,
                                       "transformer_calls": self.transformer_calls}  # fmt: skip
         metrics.update({f"seconds.{phase}": round(seconds, 4) for phase, seconds in self.all_seconds().items()})
         if self.loras:
             metrics["loras"] = self.loras
         if self.keep_unedited:
             metrics["keep_unedited"] = self.keep_unedited
+        if self.mask is not None:
+            metrics["mask"] = self.mask
         return metrics
 
     def summary(self) -> str:

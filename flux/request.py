@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import taylor_utils
-from flux import images, sizes
+from flux import images, masking, sizes
 from flux.errors import InputError
 from flux.lora_sources import LoraRequest, lora_requests
 
@@ -63,6 +63,8 @@ INPUTS: dict[str, Spec] = {
     "output_quality": Spec(80, 0, 100),
     "disable_safety_checker": Spec(False),
     "keep_unedited": Spec(False),
+    "mask": Spec(""),  # a data URI or an http(s) URL; empty: none
+    "strength": Spec(1.0, 0.0, 1.0),
     "lora_weights": _LORA_SOURCE,
     "lora_strength": _LORA_STRENGTH,
     "extra_lora_weights": _LORA_SOURCE,
@@ -78,6 +80,8 @@ INPUTS: dict[str, Spec] = {
     "guidance_scale": _GUIDANCE,
     "steps": _STEPS,
     "enable_safety_checker": Spec(True),
+    "mask_image": Spec(""),
+    "mask_url": Spec(""),
 }
 DEFAULT_STEPS = _STEPS.default
 MIN_STEPS, MAX_STEPS = _STEPS.low, _STEPS.high
@@ -85,8 +89,10 @@ DEFAULT_GUIDANCE = _GUIDANCE.default
 DEFAULT_ACCELERATION = INPUTS["acceleration"].default
 DEFAULT_MULTI_IMAGE_MODE = INPUTS["multi_image_mode"].default
 MAX_PROMPT_CHARS = INPUTS["prompt"].max_length
+DEFAULT_STRENGTH = INPUTS["strength"].default
 
 ImageSource = pathlib.Path | bytes
+MaskSource = ImageSource | str  # str: an http(s) URL, fetched when the edit runs
 
 
 def clean_prompt(prompt: str) -> str:
@@ -119,6 +125,9 @@ class EditRequest:
     civitai_api_token: str | None = field(default=None, repr=False)
     # the original at its own size with only what the edit changed replaced (flux.composite)
     keep_unedited: bool = False
+    # where to edit (flux.masking); the result is the original at its own size
+    mask: MaskSource | None = field(default=None, repr=False)
+    strength: float = DEFAULT_STRENGTH
 
     def __post_init__(self) -> None:
         _check("prompt", self.prompt)
@@ -136,7 +145,7 @@ class EditRequest:
         for name, value in (("aspect_ratio", self.aspect_ratio), ("num_inference_steps", self.num_steps),
                             ("guidance", self.guidance), ("acceleration", self.acceleration),
                             ("output_format", self.output_format), ("output_quality", self.output_quality),
-                            ("multi_image_mode", self.multi_image_mode)):  # fmt: skip
+                            ("multi_image_mode", self.multi_image_mode), ("strength", self.strength)):  # fmt: skip
             _check(name, value)
         if len(self.references) > INPUTS["reference_images"].high:
             raise InputError(f"at most {INPUTS['reference_images'].high} reference_images are accepted; "
@@ -144,8 +153,16 @@ class EditRequest:
         for lora in self.loras:
             _check(lora.field, lora.source)
             _check(lora.field.replace("weights", "strength"), lora.strength)
-        if self.keep_unedited:
-            _frames_correspond(self)
+        for name, wanted in (("mask", self.mask is not None), ("keep_unedited", self.keep_unedited)):
+            if wanted:
+                _frames_correspond(self, name)
+        if self.mask is not None and not isinstance(self.mask, str):
+            _mask_may_fit(self)
+
+    @property
+    def at_photo_size(self) -> bool:
+        """Whether the result is the photo at its own size (so the input is decoded at full size)."""
+        return self.keep_unedited or self.mask is not None or self.strength == 0
 
 
 def _check(name: str, value: object) -> None:
@@ -159,30 +176,43 @@ def _check(name: str, value: object) -> None:
         raise InputError(f"{name} is longer than {spec.max_length} characters; got {len(value)}", name)
 
 
-def _frames_correspond(request: EditRequest) -> None:
-    """keep_unedited puts the edit back into the original's frame: only where the output is that
-    frame (match_input_image, an input within 21:9 and 9:21), and not where the conditioning joins
-    several images into one."""
+def _frames_correspond(request: EditRequest, name: str) -> None:
+    """A mask and keep_unedited put the edit back into the original's frame: only where the output
+    is that frame (match_input_image, an input within 21:9 and 9:21), and not where the
+    conditioning joins several images into one."""
     if request.aspect_ratio != sizes.MATCH_INPUT:
         raise InputError(
-            f"keep_unedited needs aspect_ratio match_input_image: with {request.aspect_ratio} the output is another "
+            f"{name} needs aspect_ratio match_input_image: with {request.aspect_ratio} the output is another "
             "frame than the photo's, so no part of it lies over the original",
-            "keep_unedited",
+            name,
         )
     if request.references and request.multi_image_mode == "stitch":
         raise InputError(
-            "keep_unedited cannot be used with reference_images in stitch mode: the model sees the images joined "
+            f"{name} cannot be used with reference_images in stitch mode: the model sees the images joined "
             "side by side, so its output does not lie over the input image's frame; use offset or index",
-            "keep_unedited",
+            name,
         )
     # an input more extreme than 21:9 or 9:21 is edited at that clamped ratio (the range is the same
     # both ways, so the header's size answers before any EXIF rotation)
     width, height = images.header_size(request.image, "input_image")
     if not sizes.MIN_RATIO <= width / height <= sizes.MAX_RATIO:
         raise InputError(
-            f"keep_unedited cannot be used with this {width}x{height} input: it is wider or taller than 21:9, so it "
+            f"{name} cannot be used with this {width}x{height} input: it is wider or taller than 21:9, so it "
             "is edited at 21:9 (or 9:21), another frame than the photo's",
-            "keep_unedited",
+            name,
+        )
+
+
+def _mask_may_fit(request: EditRequest) -> None:
+    """A mask file is an image, and its aspect ratio is the input's either way round (EXIF may
+    turn either; ``images.load_mask`` checks it exactly once both are decoded)."""
+    width, height = images.header_size(request.image, "input_image")
+    mask_width, mask_height = images.header_size(request.mask, "mask")
+    if not any(images.same_aspect((mask_width, mask_height), size) for size in ((width, height), (height, width))):
+        raise InputError(
+            f"mask is {mask_width}x{mask_height}, another aspect ratio than the {width}x{height} input image; "
+            "send a mask of the input image's shape (any size)",
+            "mask",
         )
 
 
@@ -198,6 +228,8 @@ ALIASES: dict[str, tuple[str, Callable[[object], object]]] = {
     "guidance_scale": ("guidance", lambda scale: scale),
     "go_fast": ("acceleration", lambda go_fast: GO_FAST_LEVELS[go_fast]),
     "enable_safety_checker": ("disable_safety_checker", lambda enable: not enable),
+    "mask_image": ("mask", lambda mask: mask),
+    "mask_url": ("mask", lambda mask: mask),
 }
 # other hosts' counts of output images: this container returns one image per prediction
 IMAGE_COUNTS = ("num_outputs", "num_images", "n")
@@ -224,8 +256,8 @@ def request_from(sent: Mapping[str, object], read_file: Callable[[object, str], 
         _check(alias, inputs[alias])
         meant = meaning(inputs[alias])
         if inputs[name] != INPUTS[name].default and inputs[name] != meant:
-            raise InputError(f"{alias}={json.dumps(inputs[alias])} asks for {name}={json.dumps(meant)}, but {name} is "
-                             f"{json.dumps(inputs[name])}; send one of them", alias)  # fmt: skip
+            raise InputError(f"{alias}={_shown(inputs[alias])} asks for {name}={_shown(meant)}, but {name} is "
+                             f"{_shown(inputs[name])}; send one of them", alias)  # fmt: skip
         inputs[name] = meant
     return EditRequest(
         prompt=inputs["prompt"], image=read_file(inputs["input_image"], "input_image"),
@@ -237,7 +269,22 @@ def request_from(sent: Mapping[str, object], read_file: Callable[[object, str], 
         references=tuple(read_file(r, f"reference_images[{i}]") for i, r in enumerate(inputs["reference_images"])),
         multi_image_mode=inputs["multi_image_mode"], hf_api_token=_token(inputs["hf_api_token"]),
         civitai_api_token=_token(inputs["civitai_api_token"]), keep_unedited=inputs["keep_unedited"],
+        mask=_mask(inputs["mask"], read_file), strength=inputs["strength"],
     )  # fmt: skip
+
+
+def _mask(value: object, read_file: Callable[[object, str], ImageSource]) -> MaskSource | None:
+    """The mask as sent: text (a data URI, an http(s) URL, or empty for none) or a file (the command line's)."""
+    if isinstance(value, str):
+        return masking.mask_source(value)
+    return read_file(value, "mask")
+
+
+def _shown(value: object) -> str:
+    """A value as JSON, a long text (a data URI) cut short."""
+    if isinstance(value, str) and len(value) > 60:
+        value = value[:40] + "..."
+    return json.dumps(value)
 
 
 def _token(value: object) -> str | None:

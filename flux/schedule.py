@@ -34,3 +34,10 @@ def sigmas_for(scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int, image
     )
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
     return scheduler.sigmas.to(torch.float32).clone()
+
+
+def first_step(num_steps: int, strength: float) -> int:
+    """The step a partial edit starts at, as diffusers' img2img pipelines choose it: the last
+    ``num_steps * strength`` steps are run (rounded up), from the input re-noised to that step's
+    sigma. Strength 1 runs every step; 0.88 at 28 steps starts at step 3 (25 steps run); 0 runs none."""
+    return int(max(num_steps - num_steps * strength, 0))

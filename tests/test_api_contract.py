@@ -114,10 +114,10 @@ def _altered(schema, change):
         (lambda s: s["acceleration"]["enum"].remove("go really fast"), "lost choices"),
         (
             lambda s: (
-                s["Input"]["properties"].update(mask={"type": "string", "description": "m", "x-order": 10}),
-                s["Input"]["required"].append("mask"),
+                s["Input"]["properties"].update(depth_map={"type": "string", "description": "m", "x-order": 10}),
+                s["Input"]["required"].append("depth_map"),
             ),
-            "'mask' has no default",
+            "'depth_map' has no default",
         ),
         (lambda s: s["Input"]["properties"]["prompt"].pop("description"), "'prompt' has no description"),
         (lambda s: s["Output"].update(type="array"), "output changed"),

@@ -11,7 +11,13 @@ from PIL import Image
 from flux import sizes
 from flux.edit import EditPlan, Sampling, TransformerCall, base_side
 from flux.loading import Components
-from flux.request import DEFAULT_ACCELERATION, DEFAULT_GUIDANCE, DEFAULT_MULTI_IMAGE_MODE, DEFAULT_STEPS
+from flux.request import (
+    DEFAULT_ACCELERATION,
+    DEFAULT_GUIDANCE,
+    DEFAULT_MULTI_IMAGE_MODE,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+)
 
 
 def lab_plan(
@@ -25,6 +31,7 @@ def lab_plan(
     num_steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     acceleration: str = DEFAULT_ACCELERATION,
+    strength: float = DEFAULT_STRENGTH,
     mode: str = DEFAULT_MULTI_IMAGE_MODE,
     references: Sequence[Image.Image] = (),
     condition: tuple[int, int] | None = None,
@@ -37,7 +44,7 @@ def lab_plan(
         image.size, [r.size for r in references], mode, base_side(components), condition, reference_base
     )
     return EditPlan(prompt=prompt, width=width, height=height, seed=seed,
-                    sampling=Sampling(num_steps, guidance, acceleration), layout=layout)  # fmt: skip
+                    sampling=Sampling(num_steps, guidance, acceleration, strength), layout=layout)  # fmt: skip
 
 
 def direct(components: Components) -> TransformerCall:
