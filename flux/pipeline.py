@@ -229,7 +229,7 @@ def _stitch(photo: Image.Image, mask: Image.Image, box: masking.Box | None, resu
         "share": round(1 - histogram[0] / (photo.width * photo.height), 4),
         "crop": list(box or (0, 0, *photo.size)),
         "edit_size": list(edit_size),
-        "feather_px": round(masking.feather(photo.size, box, edit_size)[1], 1),
+        "feather_px": round(masking.feather(photo.size, box)[1], 1),
     }
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check (one H100, no network, at most 8 minutes): full-size random weights,
 # 1024x1024 edit of a 1024x1024 input, 28 steps, every level (and at 8 steps, compiled); eager, compiled (dynamic shapes),
-# compiled static shapes (with the stall at sizes never seen), compiled + FP8;
+# compiled static shapes (with the stall at sizes never seen), compiled + FP8; a 3000x2000 photo edited
+# through the product path with and without a mask (crop and stitch);
 # then a cold start in a fresh process that reuses the compile cache; with 2+ GPUs, one edit across
 # N of them against one (skipped, and said so, on one GPU); last, a few proxy training
 # steps on CUDA (scripts/train_proxy.py --quick: the training's device path runs on a GPU).

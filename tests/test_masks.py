@@ -282,6 +282,27 @@ def test_every_level_and_a_reference_work_with_a_mask(proxy, level):
     assert np.array_equal(np.asarray(result.image)[outside], picture[outside])
 
 
+def test_a_lora_changes_the_masked_region_and_nothing_beyond_the_feather(proxy, tmp_path, monkeypatch):
+    from flux.config import Config
+    from flux.lab.loras import make_lora, write_lora
+    from flux.lora_sources import LoraRequest
+    from tests.conftest import model_of
+    from tests.weights_server import serve_tree
+
+    monkeypatch.setenv("FLUX_LORA_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "site").mkdir()
+    write_lora(tmp_path / "site" / "l.safetensors", make_lora(proxy.components.transformer, "peft", rank=4, seed=1))
+    model = model_of(proxy.components, Config.from_env())
+    picture, circle, _ = _scene(905, (1000, 750))
+    plain = _masked(model, picture, circle)
+    with serve_tree(tmp_path / "site") as (url, _):
+        with_lora = _masked(model, picture, circle, loras=(LoraRequest(f"{url}/l.safetensors", 0.8),))
+    _masked(model, picture, circle)  # the LoRA taken off again for the tests after this one
+    assert with_lora.report.loras and with_lora.image.tobytes() != plain.image.tobytes()
+    outside = _beyond_feather(circle, with_lora)
+    assert np.array_equal(np.asarray(with_lora.image)[outside], picture[outside])
+
+
 def test_a_mask_url_is_fetched_under_the_address_rule(proxy, tmp_path):
     """A mask sent as a URL is fetched when the edit runs, from an address the rule allows (the
     tests allow 127.0.0.1); from another, it is refused naming the mask, nothing contacted."""
@@ -299,7 +320,7 @@ def test_a_mask_url_is_fetched_under_the_address_rule(proxy, tmp_path):
         result = run_edit(model, request)
     assert result.image.size == (320, 240) and result.report.mask["share"] > 0
     refused = EditRequest(CIRCLE, _png(picture), check_safety=False, mask="http://10.0.0.1/m.png")
-    with pytest.raises(InputError, match="mask could not be fetched from 10.0.0.1"):
+    with pytest.raises(InputError, match="mask: could not fetch the mask from http://10.0.0.1/m.png"):
         run_edit(model, refused)
 
 
@@ -311,3 +332,75 @@ def test_without_a_mask_nothing_of_it_runs(proxy, monkeypatch):
     picture, _, _ = _scene(2, (640, 480))
     result = flux.pipeline.run_edit(proxy, EditRequest(CIRCLE, _png(picture), seed=1, check_safety=False, mask=None))
     assert result.image.size != (640, 480) and result.report.mask is None and "mask" not in result.report.metrics()
+
+
+# --- through the Cog server and the command line -----------------------------------------------
+
+
+def test_over_http(tmp_path):
+    """With the proxy's weights behind the Cog server: a masked edit returns the input's size with
+    every pixel beyond the feather the input's; an all-black mask returns the input's pixels without
+    a transformer call; a mask of another shape is refused saying so; an empty mask is no mask (the
+    same bytes); the schema and the server agree that the mask is an optional, non-null text."""
+    from flux import weights
+    from tests.cog_server import cog_server, data_uri, decode_output
+
+    picture, circle, _ = _scene(905, (900, 600))
+    uri = data_uri(_png(picture))
+
+    def decoded(body) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(decode_output(body["output"]))).convert("RGB"))
+
+    base = dict(prompt=CIRCLE, input_image=uri, seed=1, output_format="png", disable_safety_checker=True)
+    with cog_server(weights.PROXY_DIR, tmp_path) as server:
+        status, schema = server.get("/openapi.json")
+        inputs = schema["components"]["schemas"]["Input"]
+        assert inputs["properties"]["mask"]["type"] == "string" and inputs["properties"]["mask"]["default"] == ""
+        assert "nullable" not in inputs["properties"]["mask"] and "mask" not in inputs["required"]
+        assert (inputs["properties"]["strength"]["minimum"], inputs["properties"]["strength"]["maximum"]) == (0, 1)
+        status, body = server.predict(**base, mask=None)
+        assert status == 422 and body["detail"][0]["loc"][-1] == "mask"
+
+        status, body = server.predict(**base, mask=data_uri(_png(circle)))
+        assert body["status"] == "succeeded", body
+        out = decoded(body)
+        outside = ~keep.near(circle > 0, (body["metrics"]["mask"]["feather_px"] + 1) / 600)
+        assert out.shape == picture.shape and np.array_equal(out[outside], picture[outside])
+        assert body["metrics"]["mask"]["edit_size"] and body["metrics"]["transformer_calls"] == 18
+
+        status, body = server.predict(**base, mask=data_uri(_png(np.zeros_like(picture))))
+        assert np.array_equal(decoded(body), picture) and body["metrics"]["transformer_calls"] == 0
+
+        status, body = server.predict(**base, mask=data_uri(_png(np.zeros((100, 100, 3), np.uint8))))
+        assert (
+            body["status"] == "failed"
+            and "mask is 100x100, another aspect ratio than the 900x600 input image" in (body["error"])
+        )
+        plain = [server.predict(**base, **extra)[1]["output"] for extra in ({}, {"mask": ""})]
+        assert plain[0] == plain[1]
+
+
+def test_mask_and_strength_on_the_command_line(tmp_path):
+    """--strength out of bounds and a --mask of another shape are refused before anything loads;
+    a masked edit writes the photo at its own size, exact beyond the feather."""
+    from tests.test_cli import run_cli
+
+    picture, circle, _ = _scene(905, (640, 480))
+    (tmp_path / "in.png").write_bytes(_png(picture))
+    (tmp_path / "mask.png").write_bytes(_png(circle))
+    (tmp_path / "square.png").write_bytes(_png(np.zeros((64, 64, 3), np.uint8)))
+    (tmp_path / "no-weights").mkdir()
+    base = ["edit", "--image", str(tmp_path / "in.png"), "--prompt", CIRCLE, "--out", str(tmp_path / "out.png")]
+    for extra, message in ((["--strength", "1.5"], "error: --strength must be between 0 and 1; got 1.5"),
+                           (["--mask", str(tmp_path / "square.png")], "error: --mask is 64x64, another aspect ratio"),
+                           (["--mask", str(tmp_path / "none.png")], "No such file or directory")):  # fmt: skip
+        result = run_cli(*base, "--weights", str(tmp_path / "no-weights"), *extra)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "incomplete" not in result.stderr and not (tmp_path / "out.png").exists()
+    result = run_cli(*base, "--proxy", "--mask", str(tmp_path / "mask.png"), "--strength", "0.88", "--seed", "1",
+                     "--no-safety-checker")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))
+    assert out.shape == picture.shape
+    far = ~keep.near(circle > 0, 0.2)
+    assert np.array_equal(out[far], picture[far]) and not np.array_equal(out, picture)

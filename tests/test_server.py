@@ -15,10 +15,11 @@ from tests.cog_server import cog_server, data_uri, decode_output
 from tests.conftest import image_bytes, random_image
 
 INPUTS = [
-    "prompt", "input_image", "aspect_ratio", "num_inference_steps", "guidance", "seed", "acceleration", "go_fast",
-    "output_format", "output_quality", "disable_safety_checker", "keep_unedited", "lora_weights", "lora_strength",
-    "extra_lora_weights", "extra_lora_strength", "reference_images", "multi_image_mode", "hf_api_token",
-    "civitai_api_token", "num_outputs", "num_images", "n", "guidance_scale", "steps", "enable_safety_checker",
+    "prompt", "input_image", "mask", "aspect_ratio", "num_inference_steps", "guidance", "strength", "seed",
+    "acceleration", "go_fast", "output_format", "output_quality", "disable_safety_checker", "keep_unedited",
+    "lora_weights", "lora_strength", "extra_lora_weights", "extra_lora_strength", "reference_images",
+    "multi_image_mode", "hf_api_token", "civitai_api_token", "num_outputs", "num_images", "n", "guidance_scale",
+    "steps", "enable_safety_checker", "mask_image", "mask_url",
 ]  # fmt: skip
 # what coglet writes before the project's message, and the words the project's error classes show
 PREFIX = "Prediction failed: Prediction failed: "

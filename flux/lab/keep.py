@@ -232,16 +232,13 @@ def evaluate(edits: int = 10, log: Callable[[str], None] = print) -> dict:
 # --- cost at full size ---------------------------------------------------------------------------
 
 COST_CASE = """
-import ctypes, gc, json, sys, threading, time
+import ctypes, gc, json, sys, time
 import numpy as np
 from PIL import Image
 sys.path.insert(0, ROOT)
 from flux.composite import keep_unedited
 from flux.lab.keep import photo
-
-def resident_mib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+from flux.lab.memory import PeakResident
 
 width, height, share = WIDTH, HEIGHT, SHARE
 # the photo at a quarter of its sides, upscaled: no full-size float arrays before the measurement
@@ -256,21 +253,11 @@ else:
 edited = Image.fromarray(edited)
 gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)
-before, peak, running = resident_mib(), [0.0], [True]
-
-def watch():
-    while running[0]:
-        peak[0] = max(peak[0], resident_mib())
-        time.sleep(0.002)
-
-watcher = threading.Thread(target=watch)
-watcher.start()
-start = time.perf_counter()
-result, kept = keep_unedited(original, edited)
-seconds = time.perf_counter() - start
-running[0] = False
-watcher.join()
-print(json.dumps({"seconds": seconds, "resident_before_mib": before, "extra_peak_mib": peak[0] - before,
+with PeakResident() as peak:
+    start = time.perf_counter()
+    result, kept = keep_unedited(original, edited)
+    seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "resident_before_mib": peak.before, "extra_peak_mib": peak.added,
                   "original_mib": width * height * 3 / 2**20, "changed_share": kept.changed_share,
                   "whole": kept.whole, "size": list(result.size)}))
 """

@@ -31,6 +31,7 @@ class Mutation:
 
 
 KEEP = "tests/test_keep_unedited.py"
+MASKS = "tests/test_masks.py"
 _ALIGNMENT_OFF = ("flux/composite.py", "aligned = alignment.align(ref, out)",
                   "aligned = alignment.Alignment(alignment.Transform(), 1.0, 0.0)")  # fmt: skip
 _COLOURS_OFF = ("flux/composite.py", "colours = alignment.fit_colours(ref, moved, valid)",
@@ -75,7 +76,7 @@ MUTATIONS = (
     Mutation(
         "keep_unedited: input decoded reduced",
         "flux/pipeline.py",
-        "reduce=not request.keep_unedited",
+        "reduce=not request.at_photo_size",
         "reduce=True",
         (f"{KEEP}::test_the_photo_is_read_as_its_exif_says_and_decoded_at_full_size",),
     ),
@@ -89,10 +90,13 @@ MUTATIONS = (
     Mutation(
         "EXIF orientations 6 and 8 turned the wrong way",
         "flux/images.py",
-        "return to_rgb(ImageOps.exif_transpose(image))",
+        "return ImageOps.exif_transpose(image)",
         "turn = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}.get(image.getexif().get(274))\n"
-        "    return to_rgb(image.transpose(turn) if turn is not None else ImageOps.exif_transpose(image))",
-        ("tests/test_images.py::test_exif_orientation_is_applied_pixel_for_pixel",),
+        "    return image.transpose(turn) if turn is not None else ImageOps.exif_transpose(image)",
+        (
+            "tests/test_images.py::test_exif_orientation_is_applied_pixel_for_pixel",
+            "tests/test_masks.py::test_the_mask_is_read_as_its_exif_says",
+        ),
     ),
     Mutation(
         "fal's enable_safety_checker ignored",
@@ -154,6 +158,53 @@ MUTATIONS = (
             "tests/test_api_contract.py::test_no_input_claims_null_and_every_optional_one_has_a_default",
             "tests/test_server.py::test_null_for_any_optional_input_is_refused_naming_it",
         ),
+    ),
+    Mutation(
+        "mask: the source not kept outside it in the loop",
+        "flux/edit.py",
+        "return torch.where(follows, latents, renoised(source, noise, sigma))",
+        "return latents",
+        (
+            f"{MASKS}::test_the_loop_keeps_the_source_outside_the_mask_and_grey_from_partway",
+            f"{MASKS}::test_a_masked_edit_changes_the_circle_and_leaves_the_rest_exact",
+        ),
+    ),
+    Mutation(
+        "mask: grey read as white (thresholded)",
+        "flux/edit.py",
+        "follows = packed > 1.0 - (k + 1) / steps",
+        "follows = packed > 0",
+        (
+            f"{MASKS}::test_the_loop_keeps_the_source_outside_the_mask_and_grey_from_partway",
+            f"{MASKS}::test_a_grey_mask_changes_less_than_white_and_more_than_none",
+        ),
+    ),
+    Mutation(
+        "mask: the feather reaches past what is reported",
+        "flux/masking.py",
+        "return radius, (radius + 2) * scale",
+        "return radius, radius * scale",
+        (
+            f"{MASKS}::test_a_masked_edit_changes_the_circle_and_leaves_the_rest_exact",
+            f"{MASKS}::test_crop_and_stitch_on_a_large_photo",
+        ),
+    ),
+    Mutation(
+        "mask: binarised at the latent grid (nearest, as diffusers)",
+        "flux/images.py",
+        "return mask.resize(size, Image.Resampling.BOX if shrinks else Image.Resampling.BILINEAR)",
+        "return mask.resize(size, Image.Resampling.NEAREST)",
+        (
+            f"{MASKS}::test_any_size_of_the_same_shape_is_resized_by_area_and_another_shape_is_refused",
+            f"{MASKS}::test_the_mask_reaches_the_latent_grid_by_area_widened_for_the_decoder",
+        ),
+    ),
+    Mutation(
+        "strength: the level's map over all the steps, not those run",
+        "flux/edit.py",
+        "step_map = lab.step_map or taylor_utils.compute_step_map(sampling.acceleration, steps)",
+        "step_map = (lab.step_map or taylor_utils.compute_step_map(sampling.acceleration, sampling.num_steps))[-steps:]",
+        (f"{MASKS}::test_strength_half_changes_less_with_fewer_calls",),
     ),
 )
 
