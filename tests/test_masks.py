@@ -165,6 +165,23 @@ def test_the_mask_reaches_the_latent_grid_by_area_widened_for_the_decoder():
     assert (weights > 0).sum().item() == (2 * masking.WIDEN + 1) ** 2  # widened by WIDEN each way
 
 
+def test_the_stitch_reaches_no_further_than_it_reports_on_a_frame_past_the_working_size():
+    """A 3000x2500 frame (more than the 4 megapixels the border is worked out at): beyond the
+    reported reach the photo's pixels exactly; well inside the mask the edit's; the border between
+    is feathered, reaching past the mask's edge."""
+    photo = np.random.default_rng(0).integers(0, 256, (2500, 3000, 3), dtype=np.uint8)
+    mask = Image.new("L", (3000, 2500))
+    mask.paste(255, (700, 600, 2300, 1900))
+    out = np.asarray(masking.stitch(Image.fromarray(photo), Image.new("RGB", (1200, 1000), (255, 0, 0)), mask, None))
+    radius, reach = masking.feather((3000, 2500), None)
+    assert radius > 1 and 25 < reach < 0.02 * 2500
+    marked = np.asarray(mask) > 0
+    beyond = ~keep.near(marked, (reach + 1) / 2500)
+    assert np.array_equal(out[beyond], photo[beyond])
+    assert (out[700 + 100 : 1900 - 100, 800:2200] == (255, 0, 0)).all()
+    assert not np.array_equal(out[595, 1000:2000], photo[595, 1000:2000])  # the feather, 5 px outside
+
+
 def test_the_loop_keeps_the_source_outside_the_mask_and_grey_from_partway():
     source, noise = torch.full((1, 4, 64), 2.0), torch.full((1, 4, 64), -1.0)
     weights = torch.tensor([[0.0, 1.0, 0.5, 0.0]]).repeat(4, 1)  # (h, w) = (4, 4) latent pixels: 4 tokens

@@ -180,10 +180,10 @@ MUTATIONS = (
         ),
     ),
     Mutation(
-        "mask: the feather reaches past what is reported",
+        "mask: the feather wider than reported",
         "flux/masking.py",
-        "return radius, (radius + 2) * scale",
-        "return radius, radius * scale",
+        "alpha = _box_blur(torch.from_numpy(weights / 255.0), radius).numpy()",
+        "alpha = _box_blur(torch.from_numpy(weights / 255.0), 2 * radius).numpy()",
         (
             f"{MASKS}::test_a_masked_edit_changes_the_circle_and_leaves_the_rest_exact",
             f"{MASKS}::test_crop_and_stitch_on_a_large_photo",
