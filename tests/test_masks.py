@@ -421,3 +421,32 @@ def test_mask_and_strength_on_the_command_line(tmp_path):
     assert out.shape == picture.shape
     far = ~keep.near(circle > 0, 0.2)
     assert np.array_equal(out[far], picture[far]) and not np.array_equal(out, picture)
+
+
+def test_a_mask_and_a_strength_never_recompile_the_compiled_transformer(tiny_weights):
+    """Compiled (dynamo, eager backend), one graph serves the plain edit, a masked one and a
+    partial one at every level: the mask acts on the latents between calls, the strength on which
+    sigmas the calls see."""
+    import torch._dynamo
+
+    from flux.edit import edit
+    from flux.lab.plans import direct, lab_plan
+    from flux.loading import load_components
+    from tests.conftest import random_image
+
+    c = load_components(tiny_weights)
+    torch._dynamo.reset()
+    c.transformer.compile(backend="eager", dynamic=False)
+    image = random_image(32, 32)
+    mask = Image.new("L", (32, 32))
+    mask.paste(255, (8, 8, 20, 20))
+    weights = masking.latent_weights(mask, 32, 32)
+    settings = dict(prompt="x", width=32, height=32, seed=1, num_steps=8, condition=(32, 32))
+    edit(c, image, lab_plan(c, image, **settings, acceleration="none"), transformer=direct(c))  # compiles once
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for level in ("none", "go fast", "go really fast"):
+            for strength, with_mask in ((1.0, True), (0.5, False), (0.5, True)):
+                plan = lab_plan(c, image, **settings, acceleration=level, strength=strength)
+                result = edit(c, image, plan, transformer=direct(c), mask=weights if with_mask else None)
+                assert torch.isfinite(result.latents).all()
+    torch._dynamo.reset()

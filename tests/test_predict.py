@@ -11,17 +11,16 @@ from PIL import Image
 from flux import sizes
 from flux.errors import EditError, InputError, SetupError
 from flux.lab.tiny import TINY_SIDE
+from flux.request import INPUTS
 from predict import Predictor
 from tests.conftest import image_bytes, random_image
 
-DEFAULTS = dict(
-    aspect_ratio="match_input_image", num_inference_steps=4, guidance=2.5, seed=1, acceleration="go fast",
-    go_fast="", output_format="png", output_quality=80, disable_safety_checker=False, keep_unedited=False,
-    lora_weights="",
-    lora_strength=1.0, extra_lora_weights="", extra_lora_strength=1.0, reference_images=[], multi_image_mode="offset",
-    hf_api_token="", civitai_api_token="", num_outputs=1, num_images=1, n=1, guidance_scale=2.5, steps=28,
-    enable_safety_checker=True,
-)  # fmt: skip
+# every input but the prompt and the image, as a caller leaving it out gets it (a test calling
+# predict() must pass them all: cog hands its own FieldInfo objects for those left out), with a
+# short schedule, a fixed seed and png
+DEFAULTS = {name: spec.default for name, spec in INPUTS.items() if name not in ("prompt", "input_image")} | dict(
+    num_inference_steps=4, seed=1, output_format="png", reference_images=[]
+)
 
 
 def make_predictor(weights_dir, monkeypatch) -> Predictor:
@@ -98,7 +97,7 @@ def test_thirty_predictions_leave_a_bounded_number_of_outputs(predictor, input_f
     assert len(list(out_dir.iterdir())) <= 8
 
 
-def _fake_edit(components, image, plan, *, transformer, on_step=None, references=None):
+def _fake_edit(components, image, plan, *, transformer, on_step=None, references=None, mask=None):
     """The edit itself is tested elsewhere; here only the adapter's file handling is."""
     import torch
 
