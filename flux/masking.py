@@ -35,7 +35,8 @@ from flux.outbound import AddressPolicy, FetchError, FetchLimits, get_bytes
 log = logging.getLogger(__name__)
 
 # the crop reaches this share of the mask box's longer side beyond the box on every side: the
-# model sees as much around what it edits as the edit itself
+# smallest context that edits as well as the whole frame (docs/quality.md, "Masked edits": a
+# quarter edits far worse, more edits no better)
 CONTEXT = 0.5
 # a crop is made where it is at most this share of the photo; above it the whole frame is edited
 CROP_BELOW = 0.5
