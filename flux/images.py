@@ -9,6 +9,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -90,7 +91,8 @@ def resize_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 def _open(source: str | os.PathLike | bytes, name: str, reduce: bool) -> Image.Image:
     """The first picture, checked, decoded and EXIF-rotated, in the mode it was stored in."""
-    image = _identify(_read(source, name), name)
+    data = _read(source, name)
+    image = _identify(io.BytesIO(data), len(data), name)
     try:
         return _decode(image, name, reduce)
     except MemoryError:
@@ -103,24 +105,33 @@ def _open(source: str | os.PathLike | bytes, name: str, reduce: bool) -> Image.I
 
 
 def header_size(source: str | os.PathLike | bytes, name: str = "input_image") -> tuple[int, int]:
-    """(width, height) as the image's header declares it, before EXIF rotation, no pixel decoded;
-    checked as ``load_image`` checks it."""
-    return _identify(_read(source, name), name).size
+    """(width, height) as the image's header declares it, before EXIF rotation, no pixel decoded
+    (of a file, only its header is read); checked as ``load_image`` checks it."""
+    if isinstance(source, bytes):
+        return _identify(io.BytesIO(_read(source, name)), len(source), name).size
+    length = _not_empty(Path(source).stat().st_size, name)
+    with open(source, "rb") as stream:
+        return _identify(stream, length, name).size
 
 
 def _read(source: str | os.PathLike | bytes, name: str) -> bytes:
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    if not data:
-        raise InputError(f"{name} is empty (0 bytes)", name)
+    _not_empty(len(data), name)
     return data
 
 
-def _identify(data: bytes, name: str) -> Image.Image:
-    """The image's header read (no pixels yet), its format and size checked."""
+def _not_empty(length: int, name: str) -> int:
+    if not length:
+        raise InputError(f"{name} is empty (0 bytes)", name)
+    return length
+
+
+def _identify(stream: BinaryIO, length: int, name: str) -> Image.Image:
+    """The image's header read from ``stream`` (``length`` bytes; no pixels yet), its format and size checked."""
     try:
         with warnings.catch_warnings():  # Pillow warns from 89 megapixels; the limit here is lower
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(stream)
     except Image.DecompressionBombError:
         raise InputError(_too_large(f"{name} declares far too many pixels"), name) from None
     except MemoryError:
@@ -128,7 +139,7 @@ def _identify(data: bytes, name: str) -> Image.Image:
     except Exception as exc:  # not an image, or a header a plugin cannot read (NotImplementedError, ...)
         log.info("%s: %s while identifying: %s", name, type(exc).__name__, exc)
         raise InputError(
-            f"{name} is not a readable image ({len(data)} bytes); send a jpeg, png, gif or webp file", name
+            f"{name} is not a readable image ({length} bytes); send a jpeg, png, gif or webp file", name
         ) from None
     if image.format not in ACCEPTED_FORMATS:
         raise InputError(f"{name} format {image.format} is not supported; send a jpeg, png, gif or webp file", name)

@@ -153,11 +153,15 @@ class EditRequest:
         for lora in self.loras:
             _check(lora.field, lora.source)
             _check(lora.field.replace("weights", "strength"), lora.strength)
-        for name, wanted in (("mask", self.mask is not None), ("keep_unedited", self.keep_unedited)):
-            if wanted:
-                _frames_correspond(self, name)
-        if self.mask is not None and not isinstance(self.mask, str):
-            _mask_may_fit(self)
+        framed = [name for name, wanted in (("mask", self.mask is not None), ("keep_unedited", self.keep_unedited))
+                  if wanted]  # fmt: skip
+        for name in framed:
+            _frames_correspond(self, name)
+        if framed:  # the input's header, read once (no pixel decoded)
+            size = images.header_size(self.image, "input_image")
+            _within_ratio(size, framed[0])
+            if self.mask is not None and not isinstance(self.mask, str):
+                _mask_may_fit(self.mask, size)
 
     @property
     def at_photo_size(self) -> bool:
@@ -178,8 +182,8 @@ def _check(name: str, value: object) -> None:
 
 def _frames_correspond(request: EditRequest, name: str) -> None:
     """A mask and keep_unedited put the edit back into the original's frame: only where the output
-    is that frame (match_input_image, an input within 21:9 and 9:21), and not where the
-    conditioning joins several images into one."""
+    is that frame (match_input_image, and an input within 21:9 and 9:21: ``_within_ratio``), and
+    not where the conditioning joins several images into one."""
     if request.aspect_ratio != sizes.MATCH_INPUT:
         raise InputError(
             f"{name} needs aspect_ratio match_input_image: with {request.aspect_ratio} the output is another "
@@ -192,9 +196,12 @@ def _frames_correspond(request: EditRequest, name: str) -> None:
             "side by side, so its output does not lie over the input image's frame; use offset or index",
             name,
         )
-    # an input more extreme than 21:9 or 9:21 is edited at that clamped ratio (the range is the same
-    # both ways, so the header's size answers before any EXIF rotation)
-    width, height = images.header_size(request.image, "input_image")
+
+
+def _within_ratio(size: tuple[int, int], name: str) -> None:
+    """An input more extreme than 21:9 or 9:21 is edited at that clamped ratio (the range is the
+    same both ways, so the header's size answers before any EXIF rotation)."""
+    width, height = size
     if not sizes.MIN_RATIO <= width / height <= sizes.MAX_RATIO:
         raise InputError(
             f"{name} cannot be used with this {width}x{height} input: it is wider or taller than 21:9, so it "
@@ -203,11 +210,11 @@ def _frames_correspond(request: EditRequest, name: str) -> None:
         )
 
 
-def _mask_may_fit(request: EditRequest) -> None:
-    """A mask file is an image, and its aspect ratio is the input's either way round (EXIF may
-    turn either; ``images.load_mask`` checks it exactly once both are decoded)."""
-    width, height = images.header_size(request.image, "input_image")
-    mask_width, mask_height = images.header_size(request.mask, "mask")
+def _mask_may_fit(mask: ImageSource, size: tuple[int, int]) -> None:
+    """A mask file is an image, and its aspect ratio is the input's (``size``) either way round (EXIF
+    may turn either; ``images.load_mask`` checks it exactly once both are decoded)."""
+    width, height = size
+    mask_width, mask_height = images.header_size(mask, "mask")
     if not any(images.same_aspect((mask_width, mask_height), size) for size in ((width, height), (height, width))):
         raise InputError(
             f"mask is {mask_width}x{mask_height}, another aspect ratio than the {width}x{height} input image; "

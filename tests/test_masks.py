@@ -320,14 +320,32 @@ def test_a_lora_changes_the_masked_region_and_nothing_beyond_the_feather(proxy, 
     assert np.array_equal(np.asarray(with_lora.image)[outside], picture[outside])
 
 
-def test_a_mask_url_is_fetched_under_the_address_rule(proxy, tmp_path):
+def test_a_mask_url_is_fetched_under_the_address_rule(proxy, tmp_path, monkeypatch):
     """A mask sent as a URL is fetched when the edit runs, from an address the rule allows (the
-    tests allow 127.0.0.1); from another, it is refused naming the mask, nothing contacted."""
+    tests allow 127.0.0.1); from another (an internal address, a name resolving to one), it is
+    refused naming the mask, and no connection is attempted (the resolver and sockets patched)."""
+    import socket
+
     from flux.config import Config
     from flux.pipeline import run_edit
     from tests.conftest import model_of
     from tests.weights_server import serve_tree
 
+    attempts, resolve, connect = [], socket.getaddrinfo, socket.socket.connect
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "internal.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.1", port))]
+        return resolve(host, port, *args, **kwargs)
+
+    def guarded_connect(sock, address):
+        attempts.append(address[0])
+        if address[0] != "127.0.0.1":
+            raise ConnectionRefusedError("the test's socket patch lets nothing leave the machine")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
     picture, circle, _ = _scene(905, (320, 240))
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "m.png").write_bytes(_png(circle))
@@ -336,9 +354,13 @@ def test_a_mask_url_is_fetched_under_the_address_rule(proxy, tmp_path):
         request = EditRequest(CIRCLE, _png(picture), seed=1, check_safety=False, mask=f"{url}/m.png")
         result = run_edit(model, request)
     assert result.image.size == (320, 240) and result.report.mask["share"] > 0
-    refused = EditRequest(CIRCLE, _png(picture), check_safety=False, mask="http://10.0.0.1/m.png")
-    with pytest.raises(InputError, match="mask: could not fetch the mask from http://10.0.0.1/m.png"):
-        run_edit(model, refused)
+    assert attempts and set(attempts) == {"127.0.0.1"}
+    attempts.clear()
+    for refused in ("http://10.0.0.1/m.png", "http://internal.test/m.png"):
+        request = EditRequest(CIRCLE, _png(picture), check_safety=False, mask=refused)
+        with pytest.raises(InputError, match=f"mask: could not fetch the mask from {refused}"):
+            run_edit(model, request)
+    assert attempts == []
 
 
 def test_without_a_mask_nothing_of_it_runs(proxy, monkeypatch):
