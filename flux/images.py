@@ -71,12 +71,12 @@ def _mask_levels(image: Image.Image) -> Image.Image:
     if image.mode in ("P", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "RGBa", "La"):
-        rgba = np.asarray(image.convert("RGBA"))
+        image = image.convert("RGBA")
+        rgba = np.asarray(image)
         alpha = rgba[..., 3]
         if alpha.min() < 255 and (rgba[..., :3] == rgba[0, 0, :3]).all():
             return Image.fromarray(255 - alpha, "L")
-        black = Image.new("RGBA", image.size, (0, 0, 0, 255))
-        return Image.alpha_composite(black, image.convert("RGBA")).convert("L")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image).convert("L")
     return to_rgb(image).convert("L")
 
 

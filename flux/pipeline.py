@@ -168,9 +168,10 @@ def run_edit(model: Model, request: EditRequest, on_step: StepCallback | None = 
         image = images.load_image(request.image, reduce=not request.at_photo_size)
         mask = _load_mask(model, request, image.size)
         references = [images.load_image(r, f"reference_images[{i}]") for i, r in enumerate(request.references)]
-        if request.strength == 0 or (mask is not None and masking.coverage(mask) == (0, 0)):
+        coverage = masking.coverage(mask) if mask is not None else None
+        if request.strength == 0 or coverage == (0, 0):
             return _unedited(image, request)
-        if mask is not None and masking.coverage(mask) == (255, 255):
+        if coverage == (255, 255):
             mask = None  # all of it: the plain edit
         box = masking.crop_box(mask, base_side(model.components)) if mask is not None else None
         region = image.crop(box) if box else image
