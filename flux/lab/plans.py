@@ -18,6 +18,7 @@ from flux.request import (
     DEFAULT_STEPS,
     DEFAULT_STRENGTH,
 )
+from flux.runtime import LocalRuntime
 
 
 def lab_plan(
@@ -48,5 +49,5 @@ def lab_plan(
 
 
 def direct(components: Components) -> TransformerCall:
-    """The components' transformer called as it is, in this process."""
-    return lambda **inputs: components.transformer(**inputs, return_dict=False)
+    """The components' transformer called as it is, in this process: the one-device runtime's call."""
+    return LocalRuntime(components.transformer)
